@@ -1,0 +1,367 @@
+"""Task summaries: the only thing that leaves a task.
+
+A :class:`TaskSummary` holds one task's estimate ``theta_hat`` (shape ``(p,)``), its sandwich
+covariance ``V`` (shape ``(p, p)``), the number of rows ``n``, the coefficient names, a status
+and diagnostics. A :class:`SummarySet` holds the summaries of K tasks with the settings that
+produced them, and reads and writes a versioned, human-readable JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latefusion._version import __version__
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "SummarySet", "TaskSummary"]
+
+SCHEMA = "latefusion.summaries"
+SCHEMA_VERSION = 1
+
+#: Largest summary file :meth:`SummarySet.read_json` accepts; files from other sites are
+#: untrusted input, and a summary of thousands of tasks is far smaller than this.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+STATUS_OK = "ok"
+STATUS_EXCLUDED = "excluded"
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """Summary of one task.
+
+    Parameters
+    ----------
+    task : str
+        Task name (site, hospital, school).
+    estimand : str
+        What ``theta_hat`` estimates: ``"plr"`` (partially linear coefficients), ``"ate"``,
+        ``"att"`` or ``"cate"`` (best linear projection of the conditional effect).
+    coef_names : tuple of str, length p
+        Names of the coefficients; ``("effect",)`` for a scalar effect, else
+        ``("intercept", modifier, ...)``.
+    theta_hat : ndarray of shape (p,)
+        The estimate. ``nan`` when the task is excluded.
+    V : ndarray of shape (p, p)
+        Sandwich covariance of ``theta_hat``. ``nan`` when the task is excluded.
+    n : int
+        Rows used.
+    status : {"ok", "excluded"}, default="ok"
+        ``"excluded"`` tasks carry a ``reason`` and are left out of fusion.
+    reason : str, default=""
+        Why the task is excluded.
+    diagnostics : dict, default={}
+        JSON-serialisable diagnostics (propensity range, clipped units, folds, ...).
+    """
+
+    task: str
+    estimand: str
+    coef_names: tuple[str, ...]
+    theta_hat: np.ndarray
+    V: np.ndarray
+    n: int
+    status: str = STATUS_OK
+    reason: str = ""
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        theta_hat = np.asarray(self.theta_hat, dtype=float).reshape(-1)
+        V = np.asarray(self.V, dtype=float)
+        p = len(self.coef_names)
+        if V.ndim == 0 or V.size == 1:
+            V = V.reshape(1, 1)
+        object.__setattr__(self, "task", str(self.task))
+        object.__setattr__(self, "coef_names", tuple(str(c) for c in self.coef_names))
+        object.__setattr__(self, "theta_hat", theta_hat)
+        object.__setattr__(self, "V", V)
+        object.__setattr__(self, "diagnostics", dict(self.diagnostics))
+        if self.status not in (STATUS_OK, STATUS_EXCLUDED):
+            raise ValueError(f"task {self.task!r}: unknown status {self.status!r}")
+        if theta_hat.shape != (p,) or V.shape != (p, p):
+            raise ValueError(
+                f"task {self.task!r}: theta_hat has shape {theta_hat.shape} and V {V.shape}, "
+                f"but there are {p} coefficient names {list(self.coef_names)}"
+            )
+        if self.status == STATUS_OK:
+            _check_estimate(self.task, self.coef_names, theta_hat, V)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the task takes part in fusion."""
+        return self.status == STATUS_OK
+
+    @property
+    def std_error(self) -> np.ndarray:
+        """Standard errors, ``sqrt(diag(V))``, shape ``(p,)``."""
+        return np.sqrt(np.diag(self.V))
+
+    @classmethod
+    def excluded(
+        cls,
+        task: str,
+        estimand: str,
+        coef_names: Iterable[str],
+        n: int,
+        reason: str,
+        diagnostics: Mapping[str, Any] | None = None,
+    ) -> TaskSummary:
+        """Summary of a task that could not be estimated, with the reason."""
+        names = tuple(coef_names)
+        p = len(names)
+        return cls(
+            task=task,
+            estimand=estimand,
+            coef_names=names,
+            theta_hat=np.full(p, np.nan),
+            V=np.full((p, p), np.nan),
+            n=int(n),
+            status=STATUS_EXCLUDED,
+            reason=reason,
+            diagnostics=diagnostics or {},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "status": self.status,
+            "reason": self.reason,
+            "estimand": self.estimand,
+            "n": int(self.n),
+            "coef_names": list(self.coef_names),
+            "estimate": _floats(self.theta_hat),
+            "covariance": [_floats(row) for row in self.V],
+            "diagnostics": _jsonable(self.diagnostics),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "") -> TaskSummary:
+        where = f" in {source}" if source else ""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a task entry{where} is not a JSON object")
+        task = d.get("task", "?")
+        required = ("task", "estimand", "n", "coef_names", "estimate", "covariance")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"task {task!r}{where}: missing field(s) {missing}")
+        try:
+            theta_hat = np.array([_unfloat(x) for x in d["estimate"]], dtype=float)
+            V = np.array([[_unfloat(x) for x in row] for row in d["covariance"]], dtype=float)
+            n = int(d["n"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"task {task!r}{where}: malformed numbers ({exc})") from None
+        return cls(
+            task=d["task"],
+            estimand=str(d["estimand"]),
+            coef_names=tuple(d["coef_names"]),
+            theta_hat=theta_hat,
+            V=V,
+            n=n,
+            status=d.get("status", STATUS_OK),
+            reason=d.get("reason", ""),
+            diagnostics=d.get("diagnostics", {}),
+        )
+
+
+class SummarySet:
+    """Summaries of K tasks, with the settings that produced them.
+
+    Parameters
+    ----------
+    summaries : iterable of TaskSummary
+        One per task; task names must be unique, and every usable task must share the
+        estimand and coefficient names.
+    meta : dict, optional
+        JSON-serialisable settings (model, learners, folds, seed, library version).
+    """
+
+    def __init__(
+        self, summaries: Iterable[TaskSummary], meta: Mapping[str, Any] | None = None
+    ) -> None:
+        self.summaries: list[TaskSummary] = list(summaries)
+        self.meta: dict[str, Any] = dict(meta or {})
+        names = [s.task for s in self.summaries]
+        dupes = sorted({t for t in names if names.count(t) > 1})
+        if dupes:
+            raise ValueError(f"duplicate task names: {dupes}")
+        ok = [s for s in self.summaries if s.ok]
+        if ok:
+            first = ok[0]
+            for s in ok[1:]:
+                if s.coef_names != first.coef_names or s.estimand != first.estimand:
+                    raise ValueError(
+                        f"task {s.task!r} estimates {s.estimand} with coefficients "
+                        f"{list(s.coef_names)}, but task {first.task!r} estimates "
+                        f"{first.estimand} with {list(first.coef_names)}"
+                    )
+
+    def __len__(self) -> int:
+        return len(self.summaries)
+
+    def __iter__(self) -> Iterator[TaskSummary]:
+        return iter(self.summaries)
+
+    def __getitem__(self, task: str) -> TaskSummary:
+        for s in self.summaries:
+            if s.task == task:
+                return s
+        raise KeyError(task)
+
+    def __repr__(self) -> str:
+        n_ok = len(self.usable())
+        return (
+            f"SummarySet({len(self)} tasks, {n_ok} usable, estimand={self.estimand!r}, "
+            f"coefs={list(self.coef_names)})"
+        )
+
+    def usable(self) -> list[TaskSummary]:
+        """Summaries with status ``"ok"``, in order."""
+        return [s for s in self.summaries if s.ok]
+
+    def excluded(self) -> list[TaskSummary]:
+        """Summaries with status ``"excluded"``, in order."""
+        return [s for s in self.summaries if not s.ok]
+
+    @property
+    def estimand(self) -> str | None:
+        ok = self.usable() or self.summaries
+        return ok[0].estimand if ok else None
+
+    @property
+    def coef_names(self) -> tuple[str, ...]:
+        ok = self.usable() or self.summaries
+        return ok[0].coef_names if ok else ()
+
+    @property
+    def task_names(self) -> list[str]:
+        """Names of the usable tasks, in order."""
+        return [s.task for s in self.usable()]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stack the usable tasks.
+
+        Returns
+        -------
+        theta_hat : ndarray of shape (K, p)
+        V : ndarray of shape (K, p, p)
+        n : ndarray of shape (K,)
+        """
+        ok = self.usable()
+        if not ok:
+            raise ValueError("no usable task: every task is excluded (see their reasons)")
+        theta_hat = np.stack([s.theta_hat for s in ok])
+        V = np.stack([s.V for s in ok])
+        n = np.array([s.n for s in ok])
+        return theta_hat, V, n
+
+    # JSON ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "latefusion_version": __version__,
+            "meta": _jsonable(self.meta),
+            "tasks": [s.to_dict() for s in self.summaries],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "") -> SummarySet:
+        where = f" {source}" if source else ""
+        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
+            raise ValueError(f"summary file{where} is not a latefusion summaries file")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"summary file{where} has schema version {version!r}; this latefusion "
+                f"({__version__}) reads version {SCHEMA_VERSION}"
+            )
+        tasks = d.get("tasks")
+        if not isinstance(tasks, list):
+            raise ValueError(f"summary file{where}: 'tasks' is not a list")
+        summaries = [TaskSummary.from_dict(t, source=source) for t in tasks]
+        return cls(summaries, meta=d.get("meta", {}))
+
+    def to_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write the summaries as JSON, atomically (never a half-written file)."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
+        return atomic_write_text(path, text + "\n")
+
+    @classmethod
+    def read_json(cls, path: str | os.PathLike[str]) -> SummarySet:
+        """Read a summaries file written by :meth:`to_json` (untrusted input is checked)."""
+        path = Path(path)
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ValueError(f"summary file {path} is {size} bytes, over {MAX_FILE_BYTES}")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"summary file {path} is not valid JSON: {exc}") from None
+        return cls.from_dict(d, source=str(path))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_estimate(task: str, names: tuple[str, ...], theta_hat: np.ndarray, V: np.ndarray):
+    if not np.all(np.isfinite(theta_hat)):
+        bad = [n for n, x in zip(names, theta_hat, strict=True) if not np.isfinite(x)]
+        raise ValueError(f"task {task!r}: non-finite estimate for {bad}")
+    if not np.all(np.isfinite(V)):
+        raise ValueError(f"task {task!r}: non-finite covariance")
+    var = np.diag(V)
+    if np.any(var <= 0):
+        bad = [n for n, v in zip(names, var, strict=True) if v <= 0]
+        raise ValueError(f"task {task!r}: variance of {bad} is zero or negative")
+
+
+def _floats(x: np.ndarray) -> list[float | str]:
+    return [_float(v) for v in np.asarray(x, dtype=float).ravel()]
+
+
+def _float(v: float) -> float | str:
+    # JSON has no NaN; excluded tasks store "nan" as a string.
+    return float(v) if math.isfinite(v) else str(v)
+
+
+def _unfloat(x: Any) -> float:
+    if isinstance(x, str) and x in ("nan", "inf", "-inf"):
+        return float(x)
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise ValueError(f"{x!r} is not a number")
+    return float(x)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.integer | bool):
+        return int(obj) if not isinstance(obj, bool) else obj
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, float | np.floating):
+        return _float(float(obj))
+    return obj
