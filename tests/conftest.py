@@ -7,7 +7,6 @@ from a fixed default otherwise.
 
 from __future__ import annotations
 
-
 import matplotlib
 import numpy as np
 import pytest

@@ -1,0 +1,332 @@
+"""Estimate every task of a data frame: validation, encoding, parallel tasks, summaries."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed
+
+from latefusion._version import __version__
+from latefusion.dml.task import DMLSettings, estimate_task
+from latefusion.summaries import SummarySet, TaskSummary
+from latefusion.warnings import TaskExcludedWarning
+
+__all__ = ["estimate_tasks", "prepare_data"]
+
+log = logging.getLogger(__name__)
+
+
+def estimate_tasks(
+    data: pd.DataFrame,
+    task_col: str,
+    treatment: str,
+    outcome: str,
+    covariates: Sequence[str] = (),
+    modifiers: Sequence[str] = (),
+    settings: DMLSettings | None = None,
+    *,
+    treated: Any = None,
+    control: Any = None,
+    propensity_col: str | None = None,
+    cluster_col: str | None = None,
+    dropna: bool = False,
+    n_jobs: int = 1,
+    progress: bool = False,
+) -> SummarySet:
+    """Run double machine learning in every task and collect the summaries.
+
+    Parameters
+    ----------
+    data : DataFrame
+        One row per unit, with the task label in ``task_col``.
+    task_col, treatment, outcome : str
+        Column names.
+    covariates : sequence of str
+        Confounders X; categorical columns are one-hot encoded (first level dropped).
+    modifiers : sequence of str
+        Effect modifiers z: the target becomes the coefficients of ``CATE(z) = z'theta`` with
+        ``z = (1, modifiers)``. Uncentred: centre them first if the intercept should be the
+        average effect.
+    settings : DMLSettings, optional
+        Model, learners, folds, propensity; defaults to ``DMLSettings()``.
+    treated, control : scalar, optional
+        Treatment values taken as 1 and 0 when the treatment column is not coded 0/1. With only
+        ``treated``, every other value is control; with both, rows with other values are
+        dropped (counted per task in the diagnostics).
+    propensity_col : str, optional
+        Per-row design propensity (with ``settings.propensity == "design"``).
+    cluster_col : str, optional
+        Clusters within tasks (classrooms in a school): grouped folds, cluster-robust sandwich.
+    dropna : bool, default=False
+        Drop rows with missing values in the used columns (counted per task) instead of
+        raising.
+    n_jobs : int, default=1
+        Tasks estimated in parallel (joblib; -1 for every core). Results do not depend on it:
+        every task's seed is derived from ``settings.seed`` and the task's position.
+    progress : bool, default=False
+        Show a progress bar over tasks (on stderr).
+
+    Returns
+    -------
+    SummarySet
+        One summary per task, in order of first appearance; tasks that could not be estimated
+        have status ``"excluded"`` with the reason.
+    """
+    settings = settings or DMLSettings()
+    frame, X_cols, Z_cols, dropped = prepare_data(
+        data, task_col, treatment, outcome, covariates, modifiers,
+        treated=treated, control=control, propensity_col=propensity_col,
+        cluster_col=cluster_col, dropna=dropna,
+    )  # fmt: skip
+    tasks = list(dict.fromkeys(data[task_col]))
+    present = set(frame[task_col])
+    seeds = np.random.SeedSequence(settings.seed).generate_state(max(len(tasks), 1))
+    groups_by_task = frame.groupby(task_col, sort=False)
+
+    def job(i: int, task: Any) -> TaskSummary:
+        if task not in present:
+            estimand = settings.resolved_estimand(bool(Z_cols))
+            names = ("intercept", *Z_cols) if Z_cols else ("effect",)
+            reason = f"no rows left after dropping {dropped.get(task, 0)} (missing values)"
+            return TaskSummary.excluded(str(task), estimand, names, 0, reason), []
+        g = groups_by_task.get_group(task)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = estimate_task(
+                str(task),
+                y=g[outcome].to_numpy(float),
+                a=g[treatment].to_numpy(float),
+                X=g[X_cols].to_numpy(float),
+                settings=settings,
+                Z=g[Z_cols].to_numpy(float) if Z_cols else None,
+                covariate_names=X_cols,
+                modifier_names=Z_cols,
+                propensity=g[propensity_col].to_numpy(float) if propensity_col else None,
+                groups=g[cluster_col].to_numpy() if cluster_col else None,
+                seed=int(seeds[i]),
+            )
+        return _with_dropped(summary, dropped.get(task, 0)), caught
+
+    jobs = (delayed(job)(i, t) for i, t in enumerate(tasks))
+    runner = Parallel(n_jobs=n_jobs, return_as="generator")
+    results = runner(jobs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        results = tqdm(results, total=len(tasks), desc="tasks", unit="task")
+    summaries = []
+    for summary, caught in results:
+        for w in caught:  # re-raise warnings from workers in the caller's process
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        summaries.append(summary)
+
+    excluded = [s for s in summaries if not s.ok]
+    if excluded:
+        warnings.warn(
+            f"{len(excluded)} of {len(summaries)} tasks excluded from fusion: "
+            + "; ".join(f"{s.task}: {s.reason}" for s in excluded[:5])
+            + (" ..." if len(excluded) > 5 else ""),
+            TaskExcludedWarning,
+            stacklevel=2,
+        )
+    meta = {
+        "latefusion_version": __version__,
+        "dml": settings.describe(),
+        "columns": {
+            "task": task_col,
+            "treatment": treatment,
+            "outcome": outcome,
+            "covariates": list(covariates),
+            "covariates_encoded": X_cols,
+            "modifiers": list(modifiers),
+            "modifiers_encoded": Z_cols,
+            "propensity": propensity_col,
+            "cluster": cluster_col,
+            "treated": None if treated is None else str(treated),
+            "control": None if control is None else str(control),
+        },
+        "dropna": dropna,
+    }
+    return SummarySet(summaries, meta=meta)
+
+
+def prepare_data(
+    data: pd.DataFrame,
+    task_col: str,
+    treatment: str,
+    outcome: str,
+    covariates: Sequence[str] = (),
+    modifiers: Sequence[str] = (),
+    *,
+    treated: Any = None,
+    control: Any = None,
+    propensity_col: str | None = None,
+    cluster_col: str | None = None,
+    dropna: bool = False,
+) -> tuple[pd.DataFrame, list[str], list[str], dict[Any, int]]:
+    """Validate and encode the columns used.
+
+    Returns
+    -------
+    frame : DataFrame
+        Task, 0/1 treatment, outcome, encoded covariates and modifiers, optional columns.
+    X_cols, Z_cols : list of str
+        Encoded covariate and modifier column names.
+    dropped : dict
+        Rows dropped per task (missing values with ``dropna``, other treatment values).
+    """
+    if not isinstance(data, pd.DataFrame):
+        raise TypeError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    used = [task_col, treatment, outcome, *covariates, *modifiers]
+    used += [c for c in (propensity_col, cluster_col) if c is not None]
+    missing = [c for c in dict.fromkeys(used) if c not in data.columns]
+    if missing:
+        raise ValueError(
+            f"column(s) {missing} not found; the data has columns {list(data.columns)}"
+        )
+    if not covariates and not modifiers:
+        log.info("no covariates given: nuisance functions are constants within each task")
+    df = data[list(dict.fromkeys(used))].copy()
+
+    # Missing task labels are never silently dropped
+    if df[task_col].isna().any():
+        raise ValueError(f"column {task_col!r} (the task) has {df[task_col].isna().sum()} "
+                         "missing values")  # fmt: skip
+    dropped: dict[Any, int] = {}
+
+    # Missing and infinite values
+    cols = [c for c in dict.fromkeys(used) if c != task_col]
+    bad = df[cols].isna()
+    numeric = df[cols].select_dtypes("number")
+    inf = pd.DataFrame(np.isinf(numeric.to_numpy(float)), index=df.index, columns=numeric.columns)
+    for col in inf.columns[inf.any().to_numpy()]:
+        tasks = sorted(map(str, df.loc[inf[col], task_col].unique()))
+        raise ValueError(f"column {col!r} has infinite values in task(s) {_few(tasks)}")
+    if bad.any().any():
+        if not dropna:
+            col = bad.columns[bad.any().to_numpy()][0]
+            tasks = sorted(map(str, df.loc[bad[col], task_col].unique()))
+            cols_bad = list(bad.columns[bad.any().to_numpy()])
+            raise ValueError(
+                f"column {col!r} has {int(bad[col].sum())} missing values in task(s) "
+                f"{_few(tasks)} (columns with missing values: {cols_bad}); pass dropna=True "
+                "(--dropna) to drop those rows"
+            )
+        rows = bad.any(axis=1)
+        dropped = df.loc[rows, task_col].value_counts().to_dict()
+        df = df.loc[~rows]
+
+    # Treatment coded 0/1
+    df, other = _code_treatment(df, treatment, task_col, treated, control)
+    for t, k in other.items():
+        dropped[t] = dropped.get(t, 0) + k
+
+    # Outcome numeric
+    if not pd.api.types.is_numeric_dtype(df[outcome]) or pd.api.types.is_bool_dtype(df[outcome]):
+        values = pd.unique(df[outcome])
+        if len(values) == 2 and not pd.api.types.is_numeric_dtype(df[outcome]):
+            raise ValueError(
+                f"outcome column {outcome!r} is not numeric (values {list(values)}); code it "
+                "0/1 first"
+            )
+        df[outcome] = df[outcome].astype(float)
+
+    X, X_cols = _encode(df, covariates, "covariate")
+    Z, Z_cols = _encode(df, modifiers, "modifier")
+    frame = pd.concat(
+        [df[[task_col, treatment, outcome]], X, Z.drop(columns=X_cols, errors="ignore")]
+        + [df[[c]] for c in (propensity_col, cluster_col) if c is not None and c not in X],
+        axis=1,
+    )
+    frame = frame.loc[:, ~frame.columns.duplicated()]
+    if propensity_col is not None:
+        p = frame[propensity_col].astype(float)
+        if ((p <= 0) | (p >= 1)).any():
+            tasks = sorted(map(str, frame.loc[(p <= 0) | (p >= 1), task_col].unique()))
+            raise ValueError(
+                f"column {propensity_col!r} (design propensity) has values outside (0, 1) in "
+                f"task(s) {_few(tasks)}"
+            )
+    return frame, X_cols, Z_cols, dropped
+
+
+def _code_treatment(df, treatment, task_col, treated, control):
+    a = df[treatment]
+    other: dict[Any, int] = {}
+    if treated is None:
+        if pd.api.types.is_bool_dtype(a):
+            df[treatment] = a.astype(float)
+            return df, other
+        if not pd.api.types.is_numeric_dtype(a):
+            raise ValueError(
+                f"treatment column {treatment!r} is not numeric (values "
+                f"{_few(sorted(map(str, pd.unique(a))))}); say which value is treated "
+                "(treated=..., --treated VALUE)"
+            )
+        return df, other
+    values = set(pd.unique(a))
+    cast = type(next(iter(values)))
+    if treated not in values:
+        try:
+            treated = cast(treated)
+            control = None if control is None else cast(control)
+        except (TypeError, ValueError):
+            pass
+    if treated not in values:
+        raise ValueError(
+            f"treated value {treated!r} not found in column {treatment!r} (values "
+            f"{_few(sorted(map(str, values)))})"
+        )
+    if control is not None:
+        if control not in values:
+            raise ValueError(f"control value {control!r} not found in column {treatment!r}")
+        keep = a.isin([treated, control])
+        other = df.loc[~keep, task_col].value_counts().to_dict()
+        df = df.loc[keep].copy()
+    df[treatment] = (df[treatment] == treated).astype(float)
+    return df, other
+
+
+def _encode(df: pd.DataFrame, cols: Sequence[str], what: str) -> tuple[pd.DataFrame, list[str]]:
+    """Numeric columns as they are; categorical ones one-hot with the first level dropped."""
+    parts, names = [], []
+    for c in cols:
+        s = df[c]
+        if pd.api.types.is_bool_dtype(s):
+            parts.append(s.astype(float).rename(c))
+            names.append(c)
+        elif pd.api.types.is_numeric_dtype(s):
+            parts.append(s.astype(float))
+            names.append(c)
+        else:
+            levels = sorted(map(str, pd.unique(s)))
+            if len(levels) > 50:
+                raise ValueError(f"{what} column {c!r} has {len(levels)} categories; too many "
+                                 "to one-hot encode (is it an identifier?)")  # fmt: skip
+            for lev in levels[1:]:
+                name = f"{c}[{lev}]"
+                parts.append((s.astype(str) == lev).astype(float).rename(name))
+                names.append(name)
+    if not parts:
+        return pd.DataFrame(index=df.index), []
+    return pd.concat(parts, axis=1), names
+
+
+def _with_dropped(summary: TaskSummary, k: int) -> TaskSummary:
+    if not k:
+        return summary
+    diag = {**summary.diagnostics, "rows_dropped": int(k)}
+    return TaskSummary(
+        summary.task, summary.estimand, summary.coef_names, summary.theta_hat, summary.V,
+        summary.n, summary.status, summary.reason, diag,
+    )  # fmt: skip
+
+
+def _few(items: Sequence[str], k: int = 10) -> str:
+    items = list(items)
+    return str(items[:k])[:-1] + (f", ... ({len(items)} in all)]" if len(items) > k else "]")
