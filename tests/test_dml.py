@@ -20,8 +20,9 @@ dml = pytest.importorskip("doubleml")
 
 def _doubleml_fit(cls, df, y, d, xcols, learners, folds, **kw):
     data = dml.DoubleMLData(df, y_col=y, d_cols=d, x_cols=xcols)
-    model = cls(data, *learners, n_folds=len(folds[0]), n_rep=len(folds),
-                draw_sample_splitting=False, **kw)  # fmt: skip
+    model = cls(
+        data, *learners, n_folds=len(folds[0]), n_rep=len(folds), draw_sample_splitting=False, **kw
+    )
     model.set_sample_splitting(folds)
     model.fit()
     return float(model.coef[0]), float(model.se[0])
@@ -65,8 +66,9 @@ def test_irm_matches_doubleml_on_same_folds(learners, score):
     xcols = [c for c in df if c.startswith("x")]
     reg, clf = LEARNERS[learners]
     estimand = "ate" if score == "ATE" else "att"
-    settings = DMLSettings(model="irm", estimand=estimand, ml_outcome=reg, ml_treatment=clf,
-                           n_folds=5, clip=0.01)  # fmt: skip
+    settings = DMLSettings(
+        model="irm", estimand=estimand, ml_outcome=reg, ml_treatment=clf, n_folds=5, clip=0.01
+    )
     with warnings.catch_warnings():
         # a few propensities fall below 0.01 here; clipping must then agree with DoubleML's
         warnings.simplefilter("ignore", ClippedPropensityWarning)
@@ -126,9 +128,14 @@ def test_recovers_known_effect_within_three_standard_errors(seed, model, modifie
     )
     xcols = [c for c in df if c.startswith("x")]
     ss = estimate_tasks(
-        df, "task", "A", "Y", xcols, ["z"] if modifier else [],
+        df,
+        "task",
+        "A",
+        "Y",
+        xcols,
+        ["z"] if modifier else [],
         DMLSettings(model=model, seed=seed),
-    )  # fmt: skip
+    )
     s = ss.summaries[0]
     assert s.ok
     z = (s.theta_hat - theta[0]) / s.std_error

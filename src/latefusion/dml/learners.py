@@ -11,7 +11,13 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-__all__ = ["SMALL_TASK_ROWS", "default_classifier", "default_regressor", "prepare_learner"]
+__all__ = [
+    "SMALL_TASK_ROWS",
+    "default_classifier",
+    "default_regressor",
+    "learner_preset",
+    "prepare_learner",
+]
 
 #: Below this many rows a task gets regularised linear learners by default; flexible learners
 #: fitted on a few dozen rows overfit, and their out-of-fold predictions are noise.
@@ -94,3 +100,27 @@ def prepare_learner(learner: Any, kind: str, role: str, n: int, seed: int) -> Ba
     if seeded:
         est.set_params(**seeded)
     return est
+
+
+def learner_preset(name: str) -> tuple[BaseEstimator | None, BaseEstimator | None]:
+    """Outcome and treatment learners by name, for the command line.
+
+    ``"default"`` (None, None: size-dependent defaults), ``"linear"`` (standardised ridge and
+    logistic regression with cross-validated penalties), ``"forest"`` (random forests of 200
+    trees, at least 5 rows per leaf), ``"boosting"`` (histogram gradient boosting).
+    """
+    if name == "default":
+        return None, None
+    if name == "linear":
+        return default_regressor(0), default_classifier(0)
+    if name == "forest":
+        from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+
+        return (
+            RandomForestRegressor(n_estimators=200, min_samples_leaf=5),
+            RandomForestClassifier(n_estimators=200, min_samples_leaf=5),
+        )
+    if name == "boosting":
+        big = SMALL_TASK_ROWS
+        return default_regressor(big), default_classifier(big)
+    raise ValueError(f"unknown learner preset {name!r}: default, linear, forest or boosting")

@@ -79,10 +79,18 @@ def estimate_tasks(
     """
     settings = settings or DMLSettings()
     frame, X_cols, Z_cols, dropped = prepare_data(
-        data, task_col, treatment, outcome, covariates, modifiers,
-        treated=treated, control=control, propensity_col=propensity_col,
-        cluster_col=cluster_col, dropna=dropna,
-    )  # fmt: skip
+        data,
+        task_col,
+        treatment,
+        outcome,
+        covariates,
+        modifiers,
+        treated=treated,
+        control=control,
+        propensity_col=propensity_col,
+        cluster_col=cluster_col,
+        dropna=dropna,
+    )
     tasks = list(dict.fromkeys(data[task_col]))
     present = set(frame[task_col])
     seeds = np.random.SeedSequence(settings.seed).generate_state(max(len(tasks), 1))
@@ -195,8 +203,9 @@ def prepare_data(
 
     # Missing task labels are never silently dropped
     if df[task_col].isna().any():
-        raise ValueError(f"column {task_col!r} (the task) has {df[task_col].isna().sum()} "
-                         "missing values")  # fmt: skip
+        raise ValueError(
+            f"column {task_col!r} (the task) has {df[task_col].isna().sum()} missing values"
+        )
     dropped: dict[Any, int] = {}
 
     # Missing and infinite values
@@ -306,8 +315,10 @@ def _encode(df: pd.DataFrame, cols: Sequence[str], what: str) -> tuple[pd.DataFr
         else:
             levels = sorted(map(str, pd.unique(s)))
             if len(levels) > 50:
-                raise ValueError(f"{what} column {c!r} has {len(levels)} categories; too many "
-                                 "to one-hot encode (is it an identifier?)")  # fmt: skip
+                raise ValueError(
+                    f"{what} column {c!r} has {len(levels)} categories; too many "
+                    "to one-hot encode (is it an identifier?)"
+                )
             for lev in levels[1:]:
                 name = f"{c}[{lev}]"
                 parts.append((s.astype(str) == lev).astype(float).rename(name))
@@ -322,9 +333,16 @@ def _with_dropped(summary: TaskSummary, k: int) -> TaskSummary:
         return summary
     diag = {**summary.diagnostics, "rows_dropped": int(k)}
     return TaskSummary(
-        summary.task, summary.estimand, summary.coef_names, summary.theta_hat, summary.V,
-        summary.n, summary.status, summary.reason, diag,
-    )  # fmt: skip
+        summary.task,
+        summary.estimand,
+        summary.coef_names,
+        summary.theta_hat,
+        summary.V,
+        summary.n,
+        summary.status,
+        summary.reason,
+        diag,
+    )
 
 
 def _few(items: Sequence[str], k: int = 10) -> str:

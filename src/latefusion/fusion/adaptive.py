@@ -1,0 +1,287 @@
+"""Adaptive robust aggregation of task summaries (ARMUL, Duan and Wang 2023)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import stats
+
+from latefusion.fusion import _armul
+from latefusion.fusion.baselines import _check_level, _stamp
+from latefusion.fusion.random_effects import q_profile
+from latefusion.results import FusionResult, Interval
+from latefusion.summaries import SummarySet
+from latefusion.warnings import ConvergenceWarning, FewTasksWarning
+
+__all__ = ["adaptive", "sure_path"]
+
+#: One-sided level of the upper confidence bound on each tau^2 that sets the heterogeneity of
+#: the bootstrap world (see :func:`adaptive`, Notes).
+WORLD_TAU2_LEVEL = 0.8
+
+#: Bootstrap replicates are solved in batches of about this many numbers (B * K * p).
+_BATCH_SIZE = 2_000_000
+
+
+def adaptive(
+    summaries: SummarySet,
+    C: float | str = "theory",
+    level: float = 0.95,
+    n_boot: int = 200,
+    seed: int | np.random.Generator | None = None,
+) -> FusionResult:
+    """Adaptive robust aggregation: fuse similar tasks exactly, leave far ones nearly alone.
+
+    Parameters
+    ----------
+    summaries : SummarySet
+        K usable tasks with p coefficients.
+    C : float or {"theory", "sure"}, default="theory"
+        Penalty constant. ``"theory"``: ``sqrt(1 + log(K) / p)``; ``"sure"``: the minimiser of
+        Stein's unbiased risk estimate over a grid (:func:`sure_path`); a positive float is used
+        as given.
+    level : float, default=0.95
+        Level of the intervals.
+    n_boot : int, default=200
+        Bootstrap replicates for standard errors and intervals; 0 skips them (NaN).
+    seed : int or numpy.random.Generator, optional
+        Seed of the bootstrap.
+
+    Returns
+    -------
+    FusionResult
+        Method ``"adaptive"`` with ``theta`` (K, p) and ``beta`` (p,). ``info`` holds ``C``,
+        ``C_rule``, ``lam`` (per task), ``fused`` (per task, ``theta_k == beta``),
+        ``objective``, ``n_boot``, ``kkt_residual`` (see
+        :func:`~latefusion.fusion.check_optimality`), ``converged``, ``interval`` (how the
+        intervals were made) and ``world_tau2`` (see Notes); with ``C="sure"`` also
+        ``sure_grid`` and ``sure_risk``.
+
+    Notes
+    -----
+    The estimate solves, with ``W_k = V_k^{-1}``::
+
+        minimise over beta, theta_1..theta_K:
+            sum_k [ 1/2 (theta_k - theta_hat_k)' W_k (theta_k - theta_hat_k)
+                    + lam_k ||theta_k - beta||_2 ]
+
+    with ``lam_k = C sqrt(p) / s_k`` and ``s_k = sqrt(trace(V_k) / p)``: with ``V_k = s_k^2 I``
+    task k is fused exactly when ``||theta_hat_k - beta|| <= C sqrt(p) s_k``. Multiplying all
+    estimates by c and covariances by c^2 multiplies every output by c. The theory default
+    ``C = sqrt(1 + log(K) / p)`` follows ARMUL's penalty level ``sqrt((p + log K) / n)``. The
+    solution is exact to rounding (``info["kkt_residual"]``); see
+    :mod:`latefusion.fusion._armul` for the algorithm.
+
+    Intervals. A parametric bootstrap that redraws ``theta_hat*_k ~ N(theta_hat_k, V_k)``
+    measures the spread of the estimator but not its bias: a fused task is pulled towards
+    ``beta`` by an amount the redraws do not reproduce. In simulation (K = 20, p = 1, theory
+    C, 150 replicates) intervals ``theta_k +- z sd*`` covered 0.99 when tasks were equal but
+    0.76, 0.57 and 0.48 when the task effects spread by 0.5, 1 and 2 standard errors;
+    percentile intervals fared no better. The bootstrap here therefore draws from a world
+    with heterogeneity: truths ``theta*_k`` from the normal posterior around ``beta`` with
+    between-task covariance ``T = diag(tau2_j)``, each ``tau2_j`` the 80% upper Q-profile
+    bound of its coefficient (``info["world_tau2"]``); then ``theta_hat*_k ~ N(theta*_k,
+    V_k)``, re-solved with the same ``lam``. The standard error is the root mean squared error
+    ``sqrt(mean((theta_est* - theta*)^2))`` (spread and bias; ``info["bootstrap_sd"]`` holds the
+    spread alone) and the interval is ``estimate +- z std_error``. Simulated (200 replicates,
+    K = 20, p = 1, general ``V_k``, task spreads 0 to 4 standard errors, with or without 10%
+    outlier tasks; and K = 30, p = 2), these covered the task effects on average 0.92 to 1.00
+    (the worst task 0.89), with intervals 0.4 to 0.6 times as wide as ITL's when tasks are
+    similar and wider when they are not (the estimator is then worse than ITL, and its
+    intervals say so). The interval of ``beta`` is for the centre of these tasks (errors are
+    measured from ``beta``): it covers a population mean 0.97 to 0.99 of the time when tasks
+    are similar but only 0.55 to 0.63 at a spread of 4 standard errors, where
+    :func:`~latefusion.fusion.random_effects` answers that question.
+
+    ``C="sure"`` kept the mean squared error within 0.92 to 1.02 times ITL's at spreads of 2
+    and 4 standard errors (theory C: 2.1 to 3.4 times) and 0.10 to 0.40 times it when tasks
+    are similar.
+    """
+    _check_level(level)
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be >= 0, got {n_boot}")
+    theta_hat, V, _ = summaries.arrays()
+    K, p = theta_hat.shape
+    if K <= 2:
+        warnings.warn(
+            f"adaptive: only {K} task(s); which tasks to fuse is decided on very little",
+            FewTasksWarning,
+            stacklevel=2,
+        )
+    info = _stamp(summaries, level)
+
+    # The constant C and the penalties.
+    if isinstance(C, str):
+        if C == "theory":
+            C_value = _armul.theory_C(K, p)
+            info["C_rule"] = "theory: sqrt(1 + log(K) / p)"
+        elif C == "sure":
+            grid, risk = sure_path(theta_hat, V)
+            C_value = float(grid[np.argmin(risk)])
+            info["C_rule"] = "sure: minimum of Stein's unbiased risk estimate over a grid"
+            info.update(sure_grid=grid.tolist(), sure_risk=risk.tolist())
+        else:
+            raise ValueError(f"C must be a positive number, 'theory' or 'sure', got {C!r}")
+    else:
+        C_value = float(C)
+        if not np.isfinite(C_value) or C_value <= 0:
+            raise ValueError(f"C must be positive and finite, got {C}; C = 0 is itl()")
+        info["C_rule"] = "user"
+    lam = _armul.task_lambda(V, C_value)
+    prob = _armul.Problem.build(V, lam)
+
+    # The estimate.
+    sol = _armul.solve(theta_hat, problem=prob)
+    if not sol.converged:
+        warnings.warn(
+            "adaptive: the solver stopped before the optimality tolerance",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    kkt = _armul.check_optimality(theta_hat, V, lam, sol.beta, sol.theta)
+
+    # Uncertainty: bootstrap from a world with heterogeneity (see Notes).
+    rng = np.random.default_rng(seed)
+    world_tau2 = _world_tau2(theta_hat, V)
+    theta_se, beta_se, theta_sd, beta_sd = _bootstrap(
+        theta_hat, V, prob, sol, world_tau2, n_boot, rng
+    )
+    z = stats.norm.ppf(0.5 + level / 2)
+    info.update(
+        C=C_value,
+        lam=lam.tolist(),
+        fused=sol.fused.tolist(),
+        objective=float(sol.objective),
+        kkt_residual=kkt,
+        converged=sol.converged,
+        n_iter=sol.n_iter,
+        n_boot=n_boot,
+        seed=seed if isinstance(seed, int | None) else "generator",
+        world_tau2=world_tau2.tolist(),
+        bootstrap_sd={"theta": theta_sd.tolist(), "beta": beta_sd.tolist()},
+        interval=(
+            "estimate +- z * std_error, std_error the bootstrap root mean squared error in a "
+            f"world with tau^2 at its {WORLD_TAU2_LEVEL:.0%} upper Q-profile bound"
+        ),
+    )
+    return FusionResult(
+        method="adaptive",
+        task_names=summaries.task_names,
+        coef_names=summaries.coef_names,
+        theta=Interval(sol.theta, theta_se, sol.theta - z * theta_se, sol.theta + z * theta_se),
+        beta=Interval(sol.beta, beta_se, sol.beta - z * beta_se, sol.beta + z * beta_se),
+        info=info,
+    )
+
+
+def sure_path(
+    theta_hat: np.ndarray, V: np.ndarray, grid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stein's unbiased risk estimate of the fused estimates over a grid of C.
+
+    Parameters
+    ----------
+    theta_hat : ndarray of shape (K, p)
+    V : ndarray of shape (K, p, p)
+    grid : ndarray of shape (m,), optional
+        Values of C. By default 40 equally spaced values up to the smaller of ``3 C_theory``
+        and the C at which every task is fused (where the estimate stops changing).
+
+    Returns
+    -------
+    grid : ndarray of shape (m,)
+    risk : ndarray of shape (m,)
+        Estimated ``E sum_k (theta_est_k - theta_k)' W_k (theta_est_k - theta_k)``; ITL's risk
+        is ``K p``.
+
+    Notes
+    -----
+    For ``theta_hat_k ~ N(theta_k, V_k)`` and this precision-weighted loss, Stein's identity
+    gives ``SURE = sum_k ||theta_est_k - theta_hat_k||^2_{W_k} - K p + 2 sum_k tr(J_kk)``, with
+    ``J_kk`` the derivative of ``theta_est_k`` in ``theta_hat_k``, computed exactly for
+    general ``V_k`` by implicit differentiation of the optimality conditions
+    (:func:`latefusion.fusion._armul.divergence`). The weight ``W_k`` makes the loss free of
+    units and makes the divergence term exact without whitening.
+    """
+    theta_hat = np.asarray(theta_hat, dtype=float)
+    K, p = theta_hat.shape
+    if grid is None:
+        # C beyond which every task is fused at the fixed-effect centre.
+        W = np.linalg.inv(V)
+        beta_fe = np.linalg.solve(W.sum(axis=0), np.einsum("kij,kj->i", W, theta_hat))
+        force = np.linalg.norm(np.einsum("kij,kj->ki", W, theta_hat - beta_fe), axis=1)
+        C_full = float(np.max(force * _armul.task_scale(V)) / np.sqrt(p))
+        C_max = min(C_full, 3 * _armul.theory_C(K, p)) if C_full > 0 else 1.0
+        grid = np.linspace(0, C_max, 41)[1:]
+    grid = np.asarray(grid, dtype=float)
+
+    risk = np.empty(grid.size)
+    beta0 = None
+    for i, C in enumerate(grid):
+        prob = _armul.Problem.build(V, _armul.task_lambda(V, C))
+        sol = _armul.solve(theta_hat, problem=prob, beta0=beta0)
+        risk[i] = _armul.sure(theta_hat, sol, prob)
+        beta0 = sol.beta
+    return grid, risk
+
+
+def _world_tau2(theta_hat: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """Upper ``WORLD_TAU2_LEVEL`` Q-profile bound of tau^2 per coefficient, shape (p,)."""
+    K, p = theta_hat.shape
+    if K < 2:
+        return np.zeros(p)
+    target = stats.chi2.ppf(1 - WORLD_TAU2_LEVEL, K - 1)
+    v = np.diagonal(V, axis1=1, axis2=2)
+    return np.array([q_profile(theta_hat[:, j], v[:, j], target) for j in range(p)])
+
+
+def _bootstrap(theta_hat, V, prob, sol, world_tau2, n_boot, rng):
+    """Bootstrap RMSE and SD of theta (K, p) and beta (p,) in the heterogeneous world."""
+    K, p = theta_hat.shape
+    if n_boot == 0:
+        nan = np.full((K, p), np.nan)
+        return nan, nan[0], nan, nan[0]
+
+    # Posterior of the truths given theta_hat under theta_k ~ N(beta, T).
+    T = np.diag(world_tau2)
+    G = T @ np.linalg.inv(T + V)
+    mean = sol.beta + np.einsum("kij,kj->ki", G, theta_hat - sol.beta)
+    post = T - G @ T
+    L_post = _sqrt_psd(0.5 * (post + post.transpose(0, 2, 1)))
+    L_noise = _sqrt_psd(V)
+
+    # Running sums of squared errors, estimates and squared estimates.
+    sq_t, est_t, sq_est_t = np.zeros((K, p)), np.zeros((K, p)), np.zeros((K, p))
+    sq_b, est_b, sq_est_b = np.zeros(p), np.zeros(p), np.zeros(p)
+    n_failed = 0
+    batch = max(1, _BATCH_SIZE // (K * p))
+    for start in range(0, n_boot, batch):
+        B = min(batch, n_boot - start)
+        truth = mean + np.einsum("kij,bkj->bki", L_post, rng.standard_normal((B, K, p)))
+        draw = truth + np.einsum("kij,bkj->bki", L_noise, rng.standard_normal((B, K, p)))
+        boot = _armul.solve(draw, problem=prob, beta0=sol.beta)
+        n_failed += 0 if boot.converged else 1
+        err_t, err_b = boot.theta - truth, boot.beta - sol.beta
+        sq_t += np.sum(err_t**2, axis=0)
+        sq_b += np.sum(err_b**2, axis=0)
+        est_t += boot.theta.sum(axis=0)
+        est_b += boot.beta.sum(axis=0)
+        sq_est_t += np.sum(boot.theta**2, axis=0)
+        sq_est_b += np.sum(boot.beta**2, axis=0)
+    if n_failed:
+        warnings.warn(
+            f"adaptive: {n_failed} bootstrap batch(es) stopped before the optimality tolerance",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    denom = max(n_boot - 1, 1)
+    sd_t = np.sqrt(np.maximum(sq_est_t - est_t**2 / n_boot, 0) / denom)
+    sd_b = np.sqrt(np.maximum(sq_est_b - est_b**2 / n_boot, 0) / denom)
+    return np.sqrt(sq_t / n_boot), np.sqrt(sq_b / n_boot), sd_t, sd_b
+
+
+def _sqrt_psd(S: np.ndarray) -> np.ndarray:
+    """A square root ``L`` with ``L L' = S`` for positive semi-definite ``S`` (K, p, p)."""
+    ev, vec = np.linalg.eigh(S)
+    return vec * np.sqrt(np.clip(ev, 0, None))[:, None, :]

@@ -1,0 +1,233 @@
+"""Fusion of task summaries by every method, and the files a run writes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from latefusion._version import __version__
+from latefusion.fusion import adaptive, fixed_effect, itl
+from latefusion.report import estimates_table, forest_plot, status_table
+from latefusion.results import FusionResult
+from latefusion.summaries import SummarySet
+
+__all__ = ["OUTPUT_FILES", "FusionRun", "fuse_summaries"]
+
+log = logging.getLogger(__name__)
+
+#: The files a run writes into its output directory (a public interface).
+OUTPUT_FILES = (
+    "summaries.json",
+    "estimates.csv",
+    "posterior.nc",
+    "forest.png",
+    "report.md",
+)
+
+
+@dataclass
+class FusionRun:
+    """Every method's fusion of one set of summaries.
+
+    Attributes
+    ----------
+    summaries : SummarySet
+    results : list of FusionResult
+        In the order ITL, fixed effect, adaptive, Bayesian.
+    bayes : latefusion.bayes.BayesFit or None
+    settings : dict
+        What was run (fusion and sampling settings, timings).
+    """
+
+    summaries: SummarySet
+    results: list[FusionResult]
+    bayes: Any = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> pd.DataFrame:
+        """The tidy table of every method (columns of ``estimates.csv``)."""
+        return estimates_table(self.results)
+
+    def pooled(self) -> pd.DataFrame:
+        """The pooled (centre) rows only."""
+        t = self.table()
+        return t[t["level"] == "pooled"].drop(columns=["level", "task"]).reset_index(drop=True)
+
+    def write(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write the outputs into ``out_dir`` (created if needed).
+
+        Every file is written to a staging directory first and moved into place only when all
+        of them are complete, so an error never leaves a half-written output.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".latefusion-", dir=out))
+        try:
+            written = self._write_all(staging)
+            paths = {}
+            for name, path in written.items():
+                target = out / name
+                os.replace(path, target)
+                paths[name] = target
+            return paths
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_all(self, d: Path) -> dict[str, Path]:
+        import matplotlib.pyplot as plt
+
+        files: dict[str, Path] = {}
+        files["summaries.json"] = self.summaries.to_json(d / "summaries.json")
+        table = self.table()
+        table.to_csv(d / "estimates.csv", index=False, float_format="%.10g")
+        files["estimates.csv"] = d / "estimates.csv"
+        if self.bayes is not None:
+            self.bayes.datatree.to_netcdf(d / "posterior.nc", engine="h5netcdf")
+            files["posterior.nc"] = d / "posterior.nc"
+        fig = forest_plot(table)
+        fig.savefig(d / "forest.png", dpi=110)
+        plt.close(fig)
+        files["forest.png"] = d / "forest.png"
+        (d / "report.md").write_text(self.markdown(), encoding="utf-8")
+        files["report.md"] = d / "report.md"
+        return files
+
+    def markdown(self) -> str:
+        """The report: what was run, its settings, per-task status and the estimates."""
+        s = self.summaries
+        status = status_table(s)
+        n_ok, n_all = len(s.usable()), len(s)
+        lines = [
+            "# latefusion report",
+            "",
+            f"latefusion {__version__}. {n_all} tasks, {n_ok} fused"
+            + (f", {n_all - n_ok} excluded (reasons below)." if n_ok < n_all else "."),
+            f"Estimand: `{s.estimand}`; coefficients: {', '.join(s.coef_names)}.",
+            "",
+            "## Settings",
+            "",
+            "```",
+            *_settings_lines({"per-task estimation": s.meta, "fusion": self.settings}),
+            "```",
+            "",
+            "## Pooled estimates",
+            "",
+            self.pooled().to_markdown(index=False, floatfmt=".4g"),
+            "",
+        ]
+        adaptive_res = next((r for r in self.results if r.method == "adaptive"), None)
+        if adaptive_res is not None:
+            fused = adaptive_res.info.get("fused", [])
+            C = adaptive_res.info.get("C")
+            lines += [
+                "## Adaptive aggregation",
+                "",
+                f"C = {C:.4g} ({adaptive_res.info.get('C_rule', '')}); {sum(fused)} of "
+                f"{len(fused)} tasks fused exactly with the centre; the others keep their own "
+                "estimate, moved towards the centre by about C of their standard errors.",
+                "",
+            ]
+        if self.bayes is not None:
+            dg = self.bayes.diagnostics
+            lines += [
+                f"## Bayesian model `{self.bayes.spec.name}`",
+                "",
+                self.bayes.spec.description.strip(),
+                "",
+                "| divergences | max R-hat | min bulk ESS | min tail ESS | min E-BFMI | "
+                "target_accept | retried |",
+                "|---|---|---|---|---|---|---|",
+                f"| {dg.get('divergences')} | {dg.get('max_rhat', float('nan')):.3f} | "
+                f"{dg.get('min_ess_bulk', float('nan')):.0f} | "
+                f"{dg.get('min_ess_tail', float('nan')):.0f} | "
+                f"{dg.get('min_bfmi', float('nan')):.2f} | {dg.get('target_accept')} | "
+                f"{dg.get('retried')} |",
+                "",
+            ]
+            if dg.get("problems"):
+                lines += ["**Sampling problems:** " + "; ".join(dg["problems"]), ""]
+        lines += [
+            "## Tasks",
+            "",
+            status.to_markdown(index=False, floatfmt=".3g"),
+            "",
+            "## All estimates",
+            "",
+            "Rows as in `estimates.csv`; intervals are 95%.",
+            "",
+            self.table().to_markdown(index=False, floatfmt=".4g"),
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def fuse_summaries(
+    summaries: SummarySet,
+    C: float | str = "theory",
+    bayes_model: Any = "horseshoe",
+    bayes: bool = True,
+    bayes_options: Mapping[str, Any] | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> FusionRun:
+    """Fuse summaries by ITL, fixed effect, adaptive aggregation and the Bayesian model.
+
+    Parameters
+    ----------
+    summaries : SummarySet
+        Excluded tasks are carried along (and reported) but not fused.
+    C : float or str, default="theory"
+        Constant of the adaptive aggregator (see :func:`latefusion.fusion.adaptive`).
+    bayes_model : str, path or ModelSpec, default="horseshoe"
+        A catalogue name or a spec file.
+    bayes : bool, default=True
+        Fit the Bayesian model (the slowest step).
+    bayes_options : dict, optional
+        Passed to :func:`latefusion.bayes.fit_bayes` (draws, tune, chains, target_accept, ...).
+    n_boot : int, default=200
+        Parametric bootstrap draws for the adaptive estimator's uncertainty.
+    seed : int, default=0
+    """
+    started = time.perf_counter()
+    results = [
+        itl(summaries),
+        fixed_effect(summaries),
+        adaptive(summaries, C=C, n_boot=n_boot, seed=seed),
+    ]
+    settings: dict[str, Any] = {"C": C, "n_boot": n_boot, "seed": seed}
+    fit = None
+    if bayes:
+        from latefusion.bayes import fit_bayes
+
+        options = {"seed": seed, **(bayes_options or {})}
+        fit = fit_bayes(summaries, model=bayes_model, **options)
+        results.append(fit.result)
+        settings["bayes"] = {"model": fit.spec.name, **_plain(options)}
+    settings["seconds"] = round(time.perf_counter() - started, 2)
+    return FusionRun(summaries, results, fit, settings)
+
+
+def _plain(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: v if isinstance(v, int | float | str | bool | None) else repr(v) for k, v in d.items()
+    }
+
+
+def _settings_lines(d: Mapping[str, Any], indent: str = "") -> list[str]:
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            lines.append(f"{indent}{k}:")
+            lines += _settings_lines(v, indent + "  ")
+        else:
+            lines.append(f"{indent}{k}: {v}")
+    return lines

@@ -1,0 +1,305 @@
+"""fit_bayes: structure with sampling mocked, and a few real sampling runs (marked slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+
+import arviz_stats as azs
+import numpy as np
+import pandas as pd
+import pymc as pm
+import pytest
+import xarray as xr
+
+from latefusion import FusionResult, SummarySet, TaskSummary, __version__
+from latefusion.bayes import BayesFit, fit_bayes, sample_prior
+from latefusion.warnings import ConvergenceWarning, FewTasksWarning
+
+
+def make_summaries(
+    rng: np.random.Generator, K: int, p: int, eta: float = 0.3, excluded: int = 0
+) -> tuple[SummarySet, np.ndarray]:
+    """K tasks, theta_k ~ Normal(beta, eta^2 I), standard errors between 0.5 and 1.5."""
+    names = ("effect",) if p == 1 else ("intercept", *(f"z{j}" for j in range(1, p)))
+    beta = np.linspace(1.0, 2.0, p)
+    tasks = []
+    for k in range(K):
+        se = rng.uniform(0.5, 1.5, size=p)
+        corr = np.full((p, p), 0.3) + 0.7 * np.eye(p)
+        V = corr * np.outer(se, se)
+        theta_hat = rng.multivariate_normal(beta + eta * rng.normal(size=p), V)
+        tasks.append(TaskSummary(f"site{k:02d}", "cate", names, theta_hat, V, 200))
+    for k in range(excluded):
+        tasks.append(TaskSummary.excluded(f"gone{k}", "cate", names, 15, "one arm is empty"))
+    return SummarySet(tasks), beta
+
+
+class FakeSampler:
+    """Stands in for ``pm.sample``: prior draws shaped as a posterior, divergences on demand."""
+
+    def __init__(self, divergences: tuple[int, ...] = (0,)) -> None:
+        self.divergences = list(divergences)
+        self.calls: list[dict] = []
+
+    def __call__(self, draws=1000, *, tune=None, chains=None, model=None, **kwargs) -> xr.DataTree:
+        self.calls.append({"draws": draws, "tune": tune, "chains": chains, **kwargs})
+        n_div = self.divergences[min(len(self.calls), len(self.divergences)) - 1]
+        seed = kwargs["random_seed"]
+        prior = pm.sample_prior_predictive(
+            draws=draws * chains,
+            model=model,
+            random_seed=seed,
+            compile_kwargs={"mode": "FAST_COMPILE"},
+        ).prior.to_dataset()
+        posterior = xr.Dataset(
+            {name: _as_chains(da, chains, draws) for name, da in prior.data_vars.items()}
+        )
+        rng = np.random.default_rng(seed)
+        diverging = np.zeros(chains * draws, dtype=bool)
+        diverging[rng.choice(chains * draws, size=n_div, replace=False)] = True
+        stats = xr.Dataset(
+            {
+                "diverging": (("chain", "draw"), diverging.reshape(chains, draws)),
+                "energy": (("chain", "draw"), rng.normal(size=(chains, draws))),
+            },
+            coords={"chain": np.arange(chains), "draw": np.arange(draws)},
+        )
+        return xr.DataTree.from_dict({"posterior": posterior, "sample_stats": stats})
+
+
+def _as_chains(da: xr.DataArray, chains: int, draws: int) -> xr.DataArray:
+    da = da.isel(chain=0, drop=True).drop_vars("draw")
+    values = da.values.reshape(chains, draws, *da.shape[1:])
+    coords = {d: da.coords[d] for d in da.dims[1:] if d in da.coords}
+    coords |= {"chain": np.arange(chains), "draw": np.arange(draws)}
+    return xr.DataArray(values, dims=("chain", "draw", *da.dims[1:]), coords=coords)
+
+
+@pytest.fixture
+def fake_sample(monkeypatch: pytest.MonkeyPatch) -> FakeSampler:
+    fake = FakeSampler()
+    monkeypatch.setattr(pm, "sample", fake)
+    return fake
+
+
+# 2 x 400 independent draws: every ESS is near 800, above the warning threshold of 400.
+MOCK = {"draws": 400, "tune": 10, "chains": 2, "seed": 3}
+
+
+# Structure (sampling mocked) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parameterization", ["noncentered", "marginalized"])
+@pytest.mark.parametrize("p", [1, 2])
+def test_fit_structure(rng, fake_sample, p: int, parameterization: str) -> None:
+    summaries, _ = make_summaries(rng, K=6, p=p, excluded=1)
+    fit = fit_bayes(summaries, parameterization=parameterization, **MOCK)
+
+    assert isinstance(fit, BayesFit)
+    tasks, coefs = summaries.task_names, list(summaries.coef_names)
+    dt = fit.datatree
+    assert {"posterior", "sample_stats", "log_likelihood", "log_prior"} <= set(dt.children)
+    assert {"posterior_predictive", "constant_data"} <= set(dt.children)
+    post = dt.posterior
+    assert list(post.coords["task"].values) == tasks, "the excluded task is not in the model"
+    assert list(post.coords["coef"].values) == coefs
+    for name, dims in {
+        "beta": ("coef",),
+        "tau": (),
+        "lam": ("task",),
+        "sd_delta": ("task", "coef"),
+        "delta": ("task", "coef"),
+        "theta": ("task", "coef"),
+        "kappa": ("task",),
+    }.items():
+        assert post[name].dims == ("chain", "draw", *dims), name
+    assert post.sizes["chain"] == 2 and post.sizes["draw"] == 400
+    assert dt.log_likelihood["theta_hat"].dims == ("chain", "draw", "task")
+    assert set(dt.log_prior.data_vars) >= {"beta", "tau", "lam"}
+    assert dt.posterior_predictive["theta_new"].dims == ("chain", "draw", "coef")
+    xr.testing.assert_allclose(
+        post["theta"], (post["beta"] + post["delta"]).transpose(*post["theta"].dims)
+    )
+
+    result = fit.result
+    assert isinstance(result, FusionResult) and result.method == "bayes_horseshoe"
+    assert result.theta.estimate.shape == (6, p)
+    assert result.beta.estimate.shape == result.new_task.estimate.shape == (p,)
+    for part in (result.theta, result.beta, result.new_task):
+        assert np.all(part.lower <= part.upper) and np.all(part.std_error > 0)
+    np.testing.assert_allclose(result.theta.estimate, post["theta"].mean(("chain", "draw")))
+    table = result.table()
+    assert len(table) == 6 * p + 2 * p and set(table["method"]) == {"bayes_horseshoe"}
+
+    assert isinstance(fit.shrinkage, pd.Series) and list(fit.shrinkage.index) == tasks
+    assert fit.shrinkage.between(0, 1).all()
+    assert set(fit.diagnostics) >= {
+        "divergences",
+        "max_rhat",
+        "min_ess_bulk",
+        "min_ess_tail",
+        "min_bfmi",
+        "target_accept",
+        "retried",
+    }
+    assert fit.diagnostics["divergences"] == 0 and fit.diagnostics["retried"] is False
+
+    attrs = dt.attrs
+    assert attrs["latefusion_version"] == __version__ and attrs["model"] == "horseshoe"
+    assert attrs["parameterization"] == parameterization
+    assert json.loads(attrs["spec"])["deviation"] == "horseshoe"
+    assert attrs["draws"] == 400 and attrs["seed"] == "3"
+
+
+@pytest.mark.parametrize("model", ["normal", "regularized_horseshoe", "horseshoe_elementwise"])
+def test_other_families_fit(rng, fake_sample, model: str) -> None:
+    summaries, _ = make_summaries(rng, K=5, p=2)
+    fit = fit_bayes(summaries, model=model, **MOCK)
+    assert fit.result.method == f"bayes_{model}"
+    assert ("lam" in fit.datatree.posterior) == (model != "normal")
+    assert fit.result.new_task.estimate.shape == (2,)
+
+
+def test_datatree_round_trips_through_netcdf(rng, fake_sample, tmp_path: Path) -> None:
+    summaries, _ = make_summaries(rng, K=5, p=2)
+    fit = fit_bayes(summaries, **MOCK)
+    path = tmp_path / "fit.nc"
+    fit.datatree.to_netcdf(path, engine="h5netcdf")
+
+    with xr.open_datatree(path, engine="h5netcdf") as back:
+        for group in fit.datatree.children:
+            xr.testing.assert_identical(back[group].to_dataset(), fit.datatree[group].to_dataset())
+        assert back.attrs["spec"] == fit.datatree.attrs["spec"]
+        assert json.loads(back.attrs["diagnostics"])["divergences"] == 0
+
+
+def test_divergences_trigger_one_retry(rng, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeSampler(divergences=(5, 0))
+    monkeypatch.setattr(pm, "sample", fake)
+    summaries, _ = make_summaries(rng, K=5, p=1)
+    fit = fit_bayes(summaries, target_accept=0.9, **MOCK)
+
+    assert [c["target_accept"] for c in fake.calls] == [0.9, 0.99]
+    assert fake.calls[0]["random_seed"] != fake.calls[1]["random_seed"]
+    d = fit.diagnostics
+    assert d["retried"] is True and d["target_accept"] == 0.99
+    assert (d["divergences_first_run"], d["divergences"]) == (5, 0)
+    assert fit.datatree.attrs["target_accept_requested"] == 0.9
+
+
+def test_remaining_divergences_warn(rng, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeSampler(divergences=(5, 2))
+    monkeypatch.setattr(pm, "sample", fake)
+    summaries, _ = make_summaries(rng, K=5, p=1)
+    with pytest.warns(ConvergenceWarning, match="2 divergent transitions at target_accept=0.99"):
+        fit = fit_bayes(summaries, target_accept=0.99, **MOCK)
+    assert [c["target_accept"] for c in fake.calls] == [0.99, 0.995]
+    assert fit.diagnostics["divergences"] == 2 and fit.diagnostics["problems"]
+
+
+def test_low_ess_warns(rng, fake_sample) -> None:
+    summaries, _ = make_summaries(rng, K=5, p=1)
+    with pytest.warns(ConvergenceWarning, match=r"bulk ESS down to \d+ \(< 400\)"):
+        fit_bayes(summaries, draws=50, tune=10, chains=2, seed=1)
+
+
+def test_prob_deviation(rng, fake_sample) -> None:
+    summaries, _ = make_summaries(rng, K=4, p=2)
+    fit = fit_bayes(summaries, **MOCK)
+    delta = fit.datatree.posterior["delta"].values.reshape(-1, 4, 2)
+
+    prob = fit.prob_deviation({"intercept": 0.5, "z1": 1.0})
+    assert prob.shape == (4, 2) and list(prob.index) == summaries.task_names
+    np.testing.assert_allclose(prob.values, (np.abs(delta) > [0.5, 1.0]).mean(0))
+    np.testing.assert_allclose(fit.prob_deviation(0.0).values, 1.0)
+    with pytest.raises(ValueError, match=r"coefficient\(s\) \['z1'\]"):
+        fit.prob_deviation({"intercept": 0.5})
+    with pytest.raises(ValueError, match="must be >= 0"):
+        fit.prob_deviation(-1.0)
+
+
+def test_few_tasks_and_bad_arguments(rng, fake_sample) -> None:
+    summaries, _ = make_summaries(rng, K=2, p=1)
+    with pytest.warns(FewTasksWarning, match="only 2 usable task"):
+        fit_bayes(summaries, **MOCK)
+    with pytest.raises(ValueError, match="sampler 'stan'"):
+        fit_bayes(summaries, sampler="stan")
+    with pytest.raises(ValueError, match="parameterization 'ncp'"):
+        fit_bayes(summaries, parameterization="ncp")
+    nothing = SummarySet([TaskSummary.excluded("a", "ate", ("effect",), 10, "empty")])
+    with pytest.raises(ValueError, match="no usable task"):
+        fit_bayes(nothing)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nutpie") is not None, reason="nutpie installed")
+def test_nutpie_missing_is_an_import_error(rng) -> None:
+    summaries, _ = make_summaries(rng, K=3, p=1)
+    with pytest.raises(ImportError, match="nutpie"):
+        fit_bayes(summaries, sampler="nutpie")
+
+
+def test_sample_prior(rng) -> None:
+    summaries, _ = make_summaries(rng, K=4, p=2)
+    dt = sample_prior(summaries, "laplace", draws=50, seed=1)
+    assert {"prior", "prior_predictive"} <= set(dt.children)
+    assert dt.prior["theta"].dims == ("chain", "draw", "task", "coef")
+    assert dt.prior_predictive["theta_hat"].dims == ("chain", "draw", "task", "coef")
+    assert dt.attrs["model"] == "laplace"
+
+
+# Real sampling ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_recovers_beta_and_reports_diagnostics() -> None:
+    rng = np.random.default_rng(2024)
+    summaries, beta = make_summaries(rng, K=20, p=2, eta=0.3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = fit_bayes(summaries, draws=500, tune=500, chains=2, cores=2, seed=1)
+
+    # Warnings, if any, are convergence warnings that the diagnostics explain.
+    assert all(issubclass(w.category, ConvergenceWarning) for w in caught)
+    assert bool(caught) == bool(fit.diagnostics["problems"])
+    d = fit.diagnostics
+    assert isinstance(d["divergences"], int) and d["divergences"] <= 5
+    assert d["max_rhat"] < 1.05 and d["min_ess_bulk"] > 100 and d["min_bfmi"] > 0.3
+
+    # beta within 3 posterior sds of the truth (a 3-sd miss has probability ~0.003 per coef).
+    est = fit.result.beta
+    assert np.all(np.abs(est.estimate - beta) < 3 * est.std_error), (est, beta)
+    assert np.all((est.lower < beta) | (est.upper > beta))
+    # Tasks are similar (eta = 0.3 against standard errors near 1): strong pooling.
+    assert fit.shrinkage.mean() > 0.5
+
+
+@pytest.mark.slow
+def test_marginalized_agrees_with_noncentered() -> None:
+    rng = np.random.default_rng(77)
+    summaries, _ = make_summaries(rng, K=8, p=2, eta=1.0)
+    kwargs = {"draws": 1000, "tune": 700, "chains": 2, "cores": 2, "seed": 5}
+    with warnings.catch_warnings():
+        # A few divergences of the non-centred run do not bias these summaries detectably.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fits = {
+            par: fit_bayes(summaries, parameterization=par, **kwargs)
+            for par in ("noncentered", "marginalized")
+        }
+
+    a, b = (fits[par].datatree.posterior for par in ("noncentered", "marginalized"))
+    for name in ("beta", "theta", "kappa"):
+        mcse = np.hypot(azs.mcse(a[name]).values, azs.mcse(b[name]).values)
+        diff = np.abs(a[name].mean(("chain", "draw")) - b[name].mean(("chain", "draw"))).values
+        # Posterior means within 4 Monte Carlo standard errors of each other.
+        assert np.all(diff < 4 * mcse), (name, diff, mcse)
+
+
+def test_log_groups_support_power_scaling_sensitivity(rng, fake_sample) -> None:
+    """METHOD.md section 4 (ii): psense needs the log_prior and log_likelihood groups."""
+    summaries, _ = make_summaries(rng, K=5, p=1)
+    fit = fit_bayes(summaries, **MOCK)
+    sens = azs.psense(fit.datatree, var_names=["beta", "tau"], group="prior")
+    assert np.all(np.isfinite(sens["beta"].values)) and np.all(np.isfinite(sens["tau"].values))

@@ -1,0 +1,119 @@
+"""Summary container and its JSON file: round trips, and untrusted input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from latefusion import summaries as summaries_mod
+from latefusion.summaries import SummarySet, TaskSummary
+
+
+def _set(rng, K=4, p=2):
+    out = []
+    for k in range(K):
+        A = rng.standard_normal((p, p))
+        out.append(
+            TaskSummary(
+                f"site{k}", "cate", ("intercept", "z")[:p], rng.standard_normal(p),
+                A @ A.T + np.eye(p), n=100 + k, diagnostics={"n_folds": 5, "lst": [1, 2]},
+            )
+        )  # fmt: skip
+    out.append(TaskSummary.excluded("bad", "cate", ("intercept", "z")[:p], 7, "one arm"))
+    return SummarySet(out, meta={"dml": {"model": "irm", "clip": 0.01}})
+
+
+def test_json_round_trip_is_exact(tmp_path, rng):
+    ss = _set(rng)
+    path = ss.to_json(tmp_path / "s.json")
+    back = SummarySet.read_json(path)
+    assert [s.task for s in back] == [s.task for s in ss]
+    for a, b in zip(ss, back, strict=True):
+        np.testing.assert_array_equal(a.theta_hat, b.theta_hat)  # repr of floats is exact
+        np.testing.assert_array_equal(a.V, b.V)
+        assert (a.status, a.reason, a.n, a.coef_names) == (b.status, b.reason, b.n, b.coef_names)
+    assert back.meta == ss.meta
+    assert not back["bad"].ok and np.isnan(back["bad"].theta_hat).all()
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "latefusion.summaries" and doc["schema_version"] == 1
+    assert doc["tasks"][-1]["estimate"] == ["nan", "nan"]  # JSON has no NaN: spelled out
+
+
+def test_arrays_stack_only_usable_tasks(rng):
+    theta_hat, V, n = _set(rng, K=3).arrays()
+    assert theta_hat.shape == (3, 2) and V.shape == (3, 2, 2) and list(n) == [100, 101, 102]
+
+
+def test_written_file_has_the_usual_mode_and_no_temporary_left(tmp_path, rng):
+    path = _set(rng).to_json(tmp_path / "s.json")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"schema": "other"}', "not a latefusion summaries file"),
+        ('{"schema": "latefusion.summaries", "schema_version": 99, "tasks": []}', "version 99"),
+        ('{"schema": "latefusion.summaries", "schema_version": 1, "tasks": {}}', "not a list"),
+        ('{"schema": "latefusion.summaries", "schema_version": 1, "tasks": [{"task": "a"}]}',
+         "task 'a'.*missing field"),
+        ("\xff\xfe", "not valid JSON"),
+    ],
+)  # fmt: skip
+def test_malformed_files_raise_value_error_naming_the_file(tmp_path, text, match):
+    path = tmp_path / "site.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=match) as info:
+        SummarySet.read_json(path)
+    if "not valid JSON" in match or "summaries file" in match or "version" in match:
+        assert "site.json" in str(info.value)
+
+
+def test_truncated_file_is_an_error(tmp_path, rng):
+    path = _set(rng).to_json(tmp_path / "s.json")
+    path.write_text(path.read_text()[:-40])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SummarySet.read_json(path)
+
+
+def test_oversized_file_is_refused_before_reading(tmp_path, rng, monkeypatch):
+    path = _set(rng).to_json(tmp_path / "s.json")
+    monkeypatch.setattr(summaries_mod, "MAX_FILE_BYTES", 100)
+    with pytest.raises(ValueError, match="bytes, over 100"):
+        SummarySet.read_json(path)
+
+
+def test_wrong_numbers_in_file_name_the_task(tmp_path, rng):
+    doc = _set(rng).to_dict()
+    doc["tasks"][1]["covariance"][0][0] = "a lot"
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="task 'site1'.*malformed numbers"):
+        SummarySet.read_json(path)
+
+
+def test_duplicate_tasks_and_mismatched_coefficients_are_refused(rng):
+    a = TaskSummary("a", "ate", ("effect",), [1.0], [[1.0]], 10)
+    with pytest.raises(ValueError, match=r"duplicate task names: \['a'\]"):
+        SummarySet([a, a])
+    b = TaskSummary("b", "cate", ("intercept", "z"), [1.0, 2.0], np.eye(2), 10)
+    with pytest.raises(ValueError, match="task 'b' estimates cate"):
+        SummarySet([a, b])
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, np.nan, np.inf])
+def test_zero_negative_or_non_finite_variance_names_the_task(bad):
+    with pytest.raises(ValueError, match="task 'x'"):
+        TaskSummary("x", "ate", ("effect",), [1.0], [[bad]], 10)
+
+
+def test_shape_mismatch_names_the_task():
+    with pytest.raises(ValueError, match="task 'x'.*2 coefficient names"):
+        TaskSummary("x", "cate", ("intercept", "z"), [1.0], [[1.0]], 10)
