@@ -32,13 +32,14 @@ def test_run_without_bayes_writes_outputs_with_the_public_columns(csv, tmp_path,
     out = tmp_path / "out"
     assert main(_args(csv, out, "--no-bayes", "--propensity", "design")) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "estimates.csv", "forest.png", "report.md", "summaries.json",
+        "estimates.csv", "forest.png", "heterogeneity.csv", "report.md", "summaries.json",
     ]  # fmt: skip
     est = pd.read_csv(out / "estimates.csv", keep_default_na=False)
     assert list(est.columns) == ESTIMATE_COLUMNS
-    assert set(est["method"]) == {"itl", "fixed_effect", "adaptive"}
+    assert {"itl", "fixed_effect", "adaptive"} <= set(est["method"])
     pooled = est[est["level"] == "pooled"]
-    assert set(pooled["method"]) == {"fixed_effect", "adaptive"} and (pooled["task"] == "").all()
+    assert {"fixed_effect", "adaptive"} <= set(pooled["method"]) and (pooled["task"] == "").all()
+    assert "itl" not in set(pooled["method"])  # ITL has no centre
     tasks = est[est["level"] == "task"]
     assert set(tasks["task"]) == {f"task0{k}" for k in range(5)}  # task05 excluded
     num = est[["estimate", "std_error", "lower", "upper"]].astype(float)
@@ -102,3 +103,86 @@ def test_demo_runs_on_star_without_bayes(tmp_path, capsys):
     # DATA.md: the pooled small-class effect on reading + math is about 12 to 14 points; a
     # fixed effect from 78 schools with SE about 2 lands within 10 to 18.
     assert 10 < fe < 18
+
+
+def _site_csvs(tmp_path):
+    df, _ = simulate_rows(n_tasks=5, n=120, eta=0.2, randomised=True, seed=8)
+    df.loc[df.index[(df["task"] == "task04") & (df["A"] == 1)][6:], "A"] = 0  # 6 treated
+    paths = []
+    for site, tasks in (("a", ["task00", "task01", "task02"]), ("b", ["task03", "task04"])):
+        path = tmp_path / f"site_{site}.csv"
+        df[df["task"].isin(tasks)].to_csv(path, index=False)
+        paths.append(path)
+    return paths
+
+
+def _summarize(csv, out, *extra):
+    return main(["summarize", str(csv), "--task", "task", "--treatment", "A", "--outcome", "Y",
+                 "--covariates", "x1", "x2", "--propensity", "design", "--jobs", "1",
+                 "--out", str(out), *extra])  # fmt: skip
+
+
+def test_sites_summarize_and_a_coordinator_fuses(tmp_path, capsys):
+    a, b = _site_csvs(tmp_path)
+    assert _summarize(a, tmp_path / "a.json") == 0
+    assert _summarize(b, tmp_path / "b.json") == 0
+    printed = capsys.readouterr().out
+    assert "task04: not exported: smaller arm has 6 units, under the minimum of 10" in printed
+    out = tmp_path / "fused"
+    code = main(["fuse", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--no-bayes",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    est = pd.read_csv(out / "estimates.csv", keep_default_na=False)
+    assert {"random_effects_dl", "random_effects_reml"} <= set(est["method"])
+    new = est[est["level"] == "new_task"]
+    assert set(new["method"]) >= {"random_effects_dl", "random_effects_reml"}
+    assert set(est.loc[est["level"] == "task", "task"]) == {f"task0{k}" for k in range(4)}
+    het = pd.read_csv(out / "heterogeneity.csv")
+    assert list(het.columns[:5]) == ["coef", "method", "tau2", "tau2_lower", "tau2_upper"]
+    assert {"Q", "I2"} <= set(het.columns)
+    assert (het["tau2"] >= 0).all()
+    assert "task04" in (out / "report.md").read_text()
+
+
+def test_allow_small_exports_small_tasks(tmp_path):
+    _, b = _site_csvs(tmp_path)
+    assert _summarize(b, tmp_path / "b.json", "--allow-small") == 0
+    from latefusion.summaries import SummarySet
+
+    assert SummarySet.read_json(tmp_path / "b.json")["task04"].ok
+
+
+def test_fuse_refuses_duplicate_tasks_naming_both_files(tmp_path, capsys):
+    a, _ = _site_csvs(tmp_path)
+    assert _summarize(a, tmp_path / "a.json") == 0
+    (tmp_path / "copy.json").write_text((tmp_path / "a.json").read_text())
+    code = main(["fuse", str(tmp_path / "a.json"), str(tmp_path / "copy.json"), "--no-bayes",
+                 "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "appears in both" in err and "copy.json" in err
+
+
+@pytest.mark.parametrize("content", ["", "{", '{"schema": "x"}', "[1, 2]"])
+def test_fuse_reports_a_malformed_file_by_name(tmp_path, capsys, content):
+    bad = tmp_path / "evil.json"
+    bad.write_text(content)
+    code = main(["fuse", str(bad), "--no-bayes", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "evil.json" in err and "Traceback" not in err
+
+
+def test_fuse_one_task_returns_it_and_says_heterogeneity_is_not_estimable(tmp_path, capsys):
+    from latefusion.summaries import SummarySet, TaskSummary
+
+    SummarySet([TaskSummary("only", "ate", ("effect",), [2.0], [[0.25]], 40)]).to_json(
+        tmp_path / "one.json"
+    )
+    out = tmp_path / "o"
+    assert main(["fuse", str(tmp_path / "one.json"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "heterogeneity is not estimable" in printed
+    assert "Bayesian model not fitted" in printed
+    est = pd.read_csv(out / "estimates.csv", keep_default_na=False)
+    own = est[(est["method"] == "itl")]["estimate"].item()
+    assert own == 2.0
+    assert (est[est["level"] != "new_task"]["estimate"] == 2.0).all()

@@ -21,6 +21,11 @@ from latefusion._version import __version__
 
 log = logging.getLogger("latefusion")
 
+#: Smallest treatment arm a task may export with ``latefusion summarize`` unless
+#: ``--allow-small``: an estimate from a handful of units says little about the effect and,
+#: with its diagnostics, too much about those units.
+MIN_ARM_SIZE = 10
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``latefusion`` command."""
@@ -56,17 +61,57 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="estimate every task of a CSV file, then fuse",
         description="Estimate each task by double machine learning, then fuse the summaries "
-        "by individual-task learning, fixed effect, adaptive robust aggregation and a "
-        "Bayesian shrinkage model.",
+        "by individual-task learning, fixed and random effects, adaptive robust aggregation "
+        "and a Bayesian shrinkage model.",
     )
-    run.add_argument("data", type=Path, help="CSV file, one row per unit")
-    run.add_argument("--task", required=True, help="column naming the task (site, school)")
-    run.add_argument("--treatment", required=True, help="treatment column")
-    run.add_argument("--outcome", required=True, help="outcome column")
+    _add_data_arguments(run)
     _add_estimation_options(run)
     _add_fusion_options(run)
     run.add_argument("--out", type=Path, required=True, help="output directory")
     run.set_defaults(func=_cmd_run)
+
+    summarize = sub.add_parser(
+        "summarize",
+        help="at one site: estimate its task(s) and write only the summaries",
+        description="Run the per-task estimation at one site and write its summaries "
+        "(estimate, covariance, size, diagnostics; no rows) to a JSON file for a coordinator "
+        f"to fuse. A task whose smaller treatment arm has fewer than --min-arm-size "
+        f"(default {MIN_ARM_SIZE}) units is not exported (its status says why) unless "
+        "--allow-small is given.",
+    )
+    _add_data_arguments(summarize)
+    _add_estimation_options(summarize)
+    summarize.add_argument(
+        "--min-arm-size",
+        type=int,
+        default=MIN_ARM_SIZE,
+        metavar="N",
+        help="smallest arm a task may export",
+    )
+    summarize.add_argument(
+        "--allow-small", action="store_true", help="export tasks under --min-arm-size too"
+    )
+    summarize.add_argument("--out", type=Path, required=True, help="summary file to write")
+    summarize.set_defaults(func=_cmd_summarize)
+
+    fuse = sub.add_parser(
+        "fuse",
+        help="fuse summary files from several sites (or CSVs of univariate summaries)",
+        description="Fuse task summaries without seeing any row: JSON files written by "
+        "'latefusion summarize' or 'run', or CSV files with the columns "
+        "task,coef,estimate,std_error.",
+    )
+    fuse.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="summary files")
+    fuse.add_argument(
+        "--project-psd",
+        action="store_true",
+        help="project a covariance that is not positive definite instead of "
+        "refusing it (recorded in the task's diagnostics)",
+    )
+    fuse.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_fusion_options(fuse, model_alias=True)
+    fuse.add_argument("--out", type=Path, required=True, help="output directory")
+    fuse.set_defaults(func=_cmd_fuse)
 
     demo = sub.add_parser(
         "demo",
@@ -77,10 +122,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output directory")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--jobs", type=int, default=-1, help="tasks in parallel (default: all cores)")
+    demo.add_argument("--jobs", type=int, default=-1, help="tasks in parallel (default: all)")
     _add_fusion_options(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, help="CSV file, one row per unit")
+    p.add_argument("--task", required=True, help="column naming the task (site, school)")
+    p.add_argument("--treatment", required=True, help="treatment column")
+    p.add_argument("--outcome", required=True, help="outcome column")
 
 
 def _add_estimation_options(p: argparse.ArgumentParser) -> None:
@@ -91,7 +143,7 @@ def _add_estimation_options(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="COL",
-        help="effect modifiers z: estimate CATE(z) = z'theta with z = (1, modifiers)",
+        help="effect modifiers z: estimate CATE(z) = z'theta, z = (1, modifiers)",
     )
     g.add_argument(
         "--model",
@@ -110,8 +162,8 @@ def _add_estimation_options(p: argparse.ArgumentParser) -> None:
         "--propensity",
         default="estimate",
         metavar="estimate|design|COL",
-        help="estimate the propensity (default), use the task's treated share (randomised "
-        "tasks: 'design'), or read per-row design propensities from a column",
+        help="estimate the propensity (default), use the task's treated share "
+        "(randomised tasks: 'design'), or read per-row design propensities",
     )
     g.add_argument(
         "--learner",
@@ -129,20 +181,22 @@ def _add_estimation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip", type=float, default=0.01, help="propensity clipping bound")
     g.add_argument("--cluster", metavar="COL", help="clusters within tasks (cluster-robust)")
     g.add_argument("--dropna", action="store_true", help="drop rows with missing values")
-    g.add_argument("--jobs", type=int, default=-1, help="tasks in parallel (default: all cores)")
+    g.add_argument("--jobs", type=int, default=-1, help="tasks in parallel (default: all)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
-def _add_fusion_options(p: argparse.ArgumentParser) -> None:
+def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -> None:
     g = p.add_argument_group("fusion")
     g.add_argument(
         "--C",
         dest="C",
         default="theory",
-        help="adaptive aggregation constant: 'theory' (default) or a number",
+        help="adaptive aggregation constant: 'theory' (default), 'sure' or a number",
     )
+    names = ["--bayes-model", "--model"] if model_alias else ["--bayes-model"]
     g.add_argument(
-        "--bayes-model",
+        *names,
+        dest="bayes_model",
         default="horseshoe",
         metavar="NAME|PATH",
         help="Bayesian model: a catalogue name or a .toml spec file",
@@ -157,15 +211,15 @@ def _add_fusion_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    if not args.data.exists():
-        raise FileNotFoundError(f"no such file: {args.data}")
-    data = pd.read_csv(args.data)
-    return _estimate_and_fuse(data, args)
+    started = time.perf_counter()
+    summaries = _estimate(_read_csv(args.data), args)
+    return _fuse_and_write(summaries, args, started)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from latefusion.datasets import STAR_COVARIATES, load_star
 
+    started = time.perf_counter()
     data = load_star()
     print(
         f"Project STAR kindergarten: {len(data)} pupils in {data['school'].nunique()} schools; "
@@ -178,79 +232,114 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     args.model, args.estimand, args.treated, args.control = "irm", "ate", None, None
     args.propensity, args.learner, args.n_folds, args.n_rep = "design", "default", 5, 1
     args.min_folds, args.clip, args.cluster, args.dropna = None, 0.01, None, False
-    return _estimate_and_fuse(data, args)
+    return _fuse_and_write(_estimate(data, args), args, started)
 
 
-def _estimate_and_fuse(data: pd.DataFrame, args: argparse.Namespace) -> int:
-    from latefusion.dml import DMLSettings, estimate_tasks
-    from latefusion.dml.learners import learner_preset
-    from latefusion.workflow import fuse_summaries
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from latefusion.summaries import SummarySet, TaskSummary
+
+    summaries = _estimate(_read_csv(args.data), args)
+    kept = []
+    for s in summaries:
+        smaller = min(s.diagnostics.get("n_treated", s.n), s.diagnostics.get("n_control", s.n))
+        if s.ok and smaller < args.min_arm_size and not args.allow_small:
+            reason = (
+                f"not exported: smaller arm has {smaller} units, under the minimum of "
+                f"{args.min_arm_size} (see --min-arm-size, --allow-small)"
+            )
+            s = TaskSummary.excluded(s.task, s.estimand, s.coef_names, s.n, reason)
+        kept.append(s)
+    meta = {**summaries.meta, "min_arm_size": None if args.allow_small else args.min_arm_size}
+    summaries = SummarySet(kept, meta=meta)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    summaries.to_json(args.out)
+    n_ok = len(summaries.usable())
+    print(f"Tasks: {len(summaries)} ({n_ok} exported, {len(summaries) - n_ok} not)")
+    for ex in summaries.excluded():
+        print(f"  {ex.task}: {ex.reason}")
+    print(f"Wrote {args.out} (summaries only, no rows).")
+    return 0
+
+
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    from latefusion.summaries import SummarySet
 
     started = time.perf_counter()
+    sets = []
+    for path in args.inputs:
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        if path.suffix.lower() == ".csv":
+            from latefusion.dml.interop import summaries_from_table
+
+            try:
+                sets.append(summaries_from_table(path))
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+        else:
+            sets.append(SummarySet.read_json(path, project_psd=args.project_psd))
+    summaries = SummarySet.combine(sets, [str(p) for p in args.inputs])
+    return _fuse_and_write(summaries, args, started)
+
+
+# Shared steps ---------------------------------------------------------------------------------
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable CSV file: {exc}") from None
+
+
+def _estimate(data: pd.DataFrame, args: argparse.Namespace):
+    from latefusion.dml import DMLSettings, estimate_tasks
+    from latefusion.dml.learners import learner_preset
+
     propensity, propensity_col = args.propensity, None
     if propensity not in ("estimate", "design"):
         propensity, propensity_col = "design", args.propensity
     ml_outcome, ml_treatment = learner_preset(args.learner)
     settings = DMLSettings(
-        model=args.model,
-        estimand=args.estimand,
-        ml_outcome=ml_outcome,
-        ml_treatment=ml_treatment,
-        n_folds=args.n_folds,
-        n_rep=args.n_rep,
-        min_folds=args.min_folds,
-        propensity=propensity,
-        clip=args.clip,
-        seed=args.seed,
-    )
-    summaries = estimate_tasks(
-        data,
-        args.task,
-        args.treatment,
-        args.outcome,
-        args.covariates,
-        args.modifiers,
-        settings,
-        treated=args.treated,
-        control=args.control,
-        propensity_col=propensity_col,
-        cluster_col=args.cluster,
-        dropna=args.dropna,
-        n_jobs=args.jobs,
-        progress=True,
-    )
-    dml_seconds = time.perf_counter() - started
+        model=args.model, estimand=args.estimand, ml_outcome=ml_outcome,
+        ml_treatment=ml_treatment, n_folds=args.n_folds, n_rep=args.n_rep,
+        min_folds=args.min_folds, propensity=propensity, clip=args.clip, seed=args.seed,
+    )  # fmt: skip
+    return estimate_tasks(
+        data, args.task, args.treatment, args.outcome, args.covariates, args.modifiers,
+        settings, treated=args.treated, control=args.control, propensity_col=propensity_col,
+        cluster_col=args.cluster, dropna=args.dropna, n_jobs=args.jobs, progress=True,
+    )  # fmt: skip
+
+
+def _fuse_and_write(summaries: Any, args: argparse.Namespace, started: float) -> int:
+    from latefusion.workflow import fuse_summaries
+
     if not summaries.usable():
-        raise ValueError("every task was excluded; nothing to fuse:\n" + _reasons(summaries))
+        reasons = "\n".join(f"  {s.task}: {s.reason}" for s in summaries.excluded())
+        raise ValueError("every task is excluded; nothing to fuse:\n" + reasons)
+    C = args.C
+    try:
+        C = float(C)
+    except ValueError:
+        pass
     run = fuse_summaries(
-        summaries,
-        C=_parse_C(args.C),
-        bayes_model=args.bayes_model,
-        bayes=not args.no_bayes,
+        summaries, C=C, bayes_model=args.bayes_model, bayes=not args.no_bayes,
         bayes_options={"draws": args.draws, "tune": args.tune, "chains": args.chains},
         seed=args.seed,
-    )
-    run.settings["dml_seconds"] = round(dml_seconds, 2)
+    )  # fmt: skip
     paths = run.write(args.out)
-    _print_summary(run, paths, time.perf_counter() - started)
+    _print_summary(run, args.out, paths, time.perf_counter() - started)
     return 0
 
 
-def _parse_C(value: str) -> float | str:
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
-def _reasons(summaries) -> str:
-    return "\n".join(f"  {s.task}: {s.reason}" for s in summaries.excluded())
-
-
-def _print_summary(run: Any, paths: dict[str, Path], seconds: float) -> None:
+def _print_summary(run: Any, out: Path, paths: dict[str, Path], seconds: float) -> None:
     s = run.summaries
+    n_ok = len(s.usable())
     print()
-    print(f"Tasks: {len(s)} ({len(s.usable())} fused, {len(s.excluded())} excluded)")
+    print(f"Tasks: {len(s)} ({n_ok} fused, {len(s) - n_ok} excluded)")
     for ex in s.excluded():
         print(f"  excluded {ex.task}: {ex.reason}")
     print()
@@ -260,9 +349,15 @@ def _print_summary(run: Any, paths: dict[str, Path], seconds: float) -> None:
     if adaptive is not None:
         fused = adaptive.info.get("fused", [])
         print(
-            f"\nadaptive: C = {adaptive.info['C']:.3f}, {sum(fused)} of {len(fused)} tasks "
-            "fused with the centre"
+            f"\nadaptive: C = {adaptive.info['C']:.3f} ({adaptive.info.get('C_rule', '')}), "
+            f"{sum(fused)} of {len(fused)} tasks fused with the centre"
         )
+    if n_ok == 1:
+        print("One usable task: its own estimate is returned; heterogeneity is not estimable.")
+    elif n_ok == 2:
+        print("Two usable tasks: heterogeneity between tasks is barely estimable.")
+    if "bayes_skipped" in run.settings:
+        print(f"Bayesian model not fitted: {run.settings['bayes_skipped']}.")
     if run.bayes is not None:
         d = run.bayes.diagnostics
         print(
@@ -270,12 +365,8 @@ def _print_summary(run: Any, paths: dict[str, Path], seconds: float) -> None:
             f"{d['max_rhat']:.3f}, min bulk ESS {d['min_ess_bulk']:.0f}, min tail ESS "
             f"{d['min_ess_tail']:.0f}"
         )
-    print(f"\nWrote {', '.join(p.name for p in paths.values())} to {Path(args_out(paths))}")
+    print(f"\nWrote {', '.join(p.name for p in paths.values())} to {out}")
     print(f"Done in {seconds:.0f} s.")
-
-
-def args_out(paths: dict[str, Path]) -> Path:
-    return next(iter(paths.values())).parent
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -92,6 +92,7 @@ class TaskSummary:
             )
         if self.status == STATUS_OK:
             _check_estimate(self.task, self.coef_names, theta_hat, V)
+            object.__setattr__(self, "V", _check_covariance(self.task, V))
 
     @property
     def ok(self) -> bool:
@@ -142,7 +143,11 @@ class TaskSummary:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "") -> TaskSummary:
+    def from_dict(
+        cls, d: Mapping[str, Any], source: str = "", project_psd: bool = False
+    ) -> TaskSummary:
+        """Build from the JSON form; ``project_psd`` repairs a covariance that is not positive
+        definite (recorded in ``diagnostics["covariance_projected"]``) instead of raising."""
         where = f" in {source}" if source else ""
         if not isinstance(d, Mapping):
             raise ValueError(f"a task entry{where} is not a JSON object")
@@ -157,6 +162,16 @@ class TaskSummary:
             n = int(d["n"])
         except (TypeError, ValueError) as exc:
             raise ValueError(f"task {task!r}{where}: malformed numbers ({exc})") from None
+        diagnostics = d.get("diagnostics", {})
+        if not isinstance(diagnostics, Mapping):
+            raise ValueError(f"task {task!r}{where}: 'diagnostics' is not an object")
+        status = d.get("status", STATUS_OK)
+        if project_psd and status == STATUS_OK and V.ndim == 2 and V.shape[0] == V.shape[1] > 1:
+            if np.all(np.isfinite(V)) and np.linalg.eigvalsh((V + V.T) / 2)[0] <= (
+                EIGEN_TOL * np.abs(V).max()
+            ):
+                V, smallest = project_covariance(V)
+                diagnostics = {**diagnostics, "covariance_projected": smallest}
         return cls(
             task=d["task"],
             estimand=str(d["estimand"]),
@@ -164,9 +179,9 @@ class TaskSummary:
             theta_hat=theta_hat,
             V=V,
             n=n,
-            status=d.get("status", STATUS_OK),
+            status=status,
             reason=d.get("reason", ""),
-            diagnostics=d.get("diagnostics", {}),
+            diagnostics=diagnostics,
         )
 
 
@@ -273,7 +288,7 @@ class SummarySet:
         }
 
     @classmethod
-    def from_dict(cls, d: Any, source: str = "") -> SummarySet:
+    def from_dict(cls, d: Any, source: str = "", project_psd: bool = False) -> SummarySet:
         where = f" {source}" if source else ""
         if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
             raise ValueError(f"summary file{where} is not a latefusion summaries file")
@@ -286,8 +301,9 @@ class SummarySet:
         tasks = d.get("tasks")
         if not isinstance(tasks, list):
             raise ValueError(f"summary file{where}: 'tasks' is not a list")
-        summaries = [TaskSummary.from_dict(t, source=source) for t in tasks]
-        return cls(summaries, meta=d.get("meta", {}))
+        summaries = [TaskSummary.from_dict(t, source, project_psd) for t in tasks]
+        meta = d.get("meta", {})
+        return cls(summaries, meta=meta if isinstance(meta, Mapping) else {})
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the summaries as JSON, atomically (never a half-written file)."""
@@ -295,9 +311,17 @@ class SummarySet:
         return atomic_write_text(path, text + "\n")
 
     @classmethod
-    def read_json(cls, path: str | os.PathLike[str]) -> SummarySet:
-        """Read a summaries file written by :meth:`to_json` (untrusted input is checked)."""
+    def read_json(cls, path: str | os.PathLike[str], project_psd: bool = False) -> SummarySet:
+        """Read a summaries file written by :meth:`to_json` (untrusted input is checked).
+
+        Every problem raises :class:`ValueError` naming the file (and the task where there is
+        one): not JSON, another schema or version, missing fields, malformed numbers, a file
+        over :data:`MAX_FILE_BYTES`, a covariance that is not positive definite (unless
+        ``project_psd``).
+        """
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such summary file: {path}")
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
             raise ValueError(f"summary file {path} is {size} bytes, over {MAX_FILE_BYTES}")
@@ -305,7 +329,45 @@ class SummarySet:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"summary file {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(d, source=str(path))
+        try:
+            return cls.from_dict(d, source=str(path), project_psd=project_psd)
+        except ValueError as exc:
+            msg = str(exc)
+            raise ValueError(msg if str(path) in msg else f"{path}: {msg}") from None
+
+    @classmethod
+    def combine(cls, sets: Iterable[SummarySet], sources: Iterable[str] = ()) -> SummarySet:
+        """One set from the summaries of several sites.
+
+        Task names must be unique across sites, and every usable task must share the estimand
+        and coefficient names; the error names the files at fault. ``meta`` keeps each site's
+        settings under ``"sites"``.
+        """
+        sets = list(sets)
+        sources = list(sources) or [f"input {i + 1}" for i in range(len(sets))]
+        seen: dict[str, str] = {}
+        for ss, src in zip(sets, sources, strict=True):
+            for s in ss:
+                if s.task in seen:
+                    raise ValueError(
+                        f"task {s.task!r} appears in both {seen[s.task]} and {src}; task names "
+                        "must be unique across sites"
+                    )
+                seen[s.task] = src
+        ref = next(((ss, src) for ss, src in zip(sets, sources, strict=True) if ss.usable()), None)
+        if ref is not None:
+            for ss, src in zip(sets, sources, strict=True):
+                if ss.usable() and (ss.coef_names, ss.estimand) != (
+                    ref[0].coef_names,
+                    ref[0].estimand,
+                ):
+                    raise ValueError(
+                        f"{src} estimates {ss.estimand} with coefficients {list(ss.coef_names)}, "
+                        f"but {ref[1]} estimates {ref[0].estimand} with "
+                        f"{list(ref[0].coef_names)}"
+                    )
+        meta = {"sites": {src: ss.meta for ss, src in zip(sets, sources, strict=True)}}
+        return cls([s for ss in sets for s in ss], meta=meta)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -335,6 +397,43 @@ def _check_estimate(task: str, names: tuple[str, ...], theta_hat: np.ndarray, V:
     if np.any(var <= 0):
         bad = [n for n, v in zip(names, var, strict=True) if v <= 0]
         raise ValueError(f"task {task!r}: variance of {bad} is zero or negative")
+
+
+#: Relative asymmetry of a covariance accepted as rounding noise (and symmetrised).
+SYMMETRY_TOL = 1e-8
+#: Smallest eigenvalue, relative to the largest, of an acceptable covariance.
+EIGEN_TOL = 1e-12
+
+
+def _check_covariance(task: str, V: np.ndarray) -> np.ndarray:
+    """Symmetrise rounding noise; refuse a covariance that is not positive definite."""
+    scale = np.max(np.abs(V))
+    asym = np.max(np.abs(V - V.T)) / scale
+    if asym > SYMMETRY_TOL:
+        raise ValueError(
+            f"task {task!r}: covariance is not symmetric (relative asymmetry {asym:.2g})"
+        )
+    V = (V + V.T) / 2
+    if V.shape[0] > 1:
+        w = np.linalg.eigvalsh(V)
+        if w[0] <= EIGEN_TOL * w[-1]:
+            raise ValueError(
+                f"task {task!r}: covariance is not positive definite (eigenvalues from "
+                f"{w[0]:.3g} to {w[-1]:.3g}); fix it at the site, or project it onto the "
+                "positive definite matrices (project_psd=True, --project-psd)"
+            )
+    return V
+
+
+def project_covariance(V: np.ndarray) -> tuple[np.ndarray, float]:
+    """Nearest symmetric matrix with eigenvalues at least ``1e-8`` times the largest.
+
+    Returns the projected matrix and the smallest eigenvalue before projection.
+    """
+    V = (V + V.T) / 2
+    w, Q = np.linalg.eigh(V)
+    floor = 1e-8 * max(w[-1], np.finfo(float).tiny)
+    return (Q * np.maximum(w, floor)) @ Q.T, float(w[0])
 
 
 def _floats(x: np.ndarray) -> list[float | str]:

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from latefusion._version import __version__
-from latefusion.fusion import adaptive, fixed_effect, itl
+from latefusion.fusion import adaptive, fixed_effect, itl, random_effects
 from latefusion.report import estimates_table, forest_plot, status_table
 from latefusion.results import FusionResult
 from latefusion.summaries import SummarySet
@@ -28,10 +28,16 @@ log = logging.getLogger(__name__)
 OUTPUT_FILES = (
     "summaries.json",
     "estimates.csv",
+    "heterogeneity.csv",
     "posterior.nc",
     "forest.png",
     "report.md",
 )
+
+#: Columns of ``heterogeneity.csv`` (a public interface: extend, never rename).
+HETEROGENEITY_COLUMNS = [
+    "coef", "method", "tau2", "tau2_lower", "tau2_upper", "Q", "Q_pvalue", "I2", "note",
+]  # fmt: skip
 
 
 @dataclass
@@ -56,6 +62,22 @@ class FusionRun:
     def table(self) -> pd.DataFrame:
         """The tidy table of every method (columns of ``estimates.csv``)."""
         return estimates_table(self.results)
+
+    def heterogeneity(self) -> pd.DataFrame:
+        """Between-task heterogeneity per coefficient and random-effects method.
+
+        Columns :data:`HETEROGENEITY_COLUMNS`: tau^2 (clipped at 0) with its Q-profile
+        confidence interval, Cochran's Q and its p-value, I^2 (in percent), and a note where a
+        quantity is not estimable.
+        """
+        rows = []
+        for r in self.results:
+            for h in r.info.get("heterogeneity", []):
+                row = {"method": r.method, **h}
+                note = r.info.get("heterogeneity_note", "")
+                row["note"] = note
+                rows.append(row)
+        return pd.DataFrame(rows).reindex(columns=HETEROGENEITY_COLUMNS)
 
     def pooled(self) -> pd.DataFrame:
         """The pooled (centre) rows only."""
@@ -90,6 +112,8 @@ class FusionRun:
         table = self.table()
         table.to_csv(d / "estimates.csv", index=False, float_format="%.10g")
         files["estimates.csv"] = d / "estimates.csv"
+        self.heterogeneity().to_csv(d / "heterogeneity.csv", index=False, float_format="%.10g")
+        files["heterogeneity.csv"] = d / "heterogeneity.csv"
         if self.bayes is not None:
             self.bayes.datatree.to_netcdf(d / "posterior.nc", engine="h5netcdf")
             files["posterior.nc"] = d / "posterior.nc"
@@ -123,7 +147,19 @@ class FusionRun:
             "",
             self.pooled().to_markdown(index=False, floatfmt=".4g"),
             "",
+            "## Heterogeneity between tasks",
+            "",
+            self.heterogeneity().to_markdown(index=False, floatfmt=".4g"),
+            "",
         ]
+        if n_ok == 1:
+            lines += [
+                "Only one task is usable: every method returns its own estimate, and nothing "
+                "about heterogeneity between tasks can be estimated.",
+                "",
+            ]
+        if "bayes_skipped" in self.settings:
+            lines += [f"Bayesian model not fitted: {self.settings['bayes_skipped']}.", ""]
         adaptive_res = next((r for r in self.results if r.method == "adaptive"), None)
         if adaptive_res is not None:
             fused = adaptive_res.info.get("fused", [])
@@ -179,7 +215,8 @@ def fuse_summaries(
     n_boot: int = 200,
     seed: int = 0,
 ) -> FusionRun:
-    """Fuse summaries by ITL, fixed effect, adaptive aggregation and the Bayesian model.
+    """Fuse summaries by every method: ITL, fixed effect, random effects (DerSimonian-Laird and
+    REML), adaptive aggregation and the Bayesian model.
 
     Parameters
     ----------
@@ -201,11 +238,15 @@ def fuse_summaries(
     results = [
         itl(summaries),
         fixed_effect(summaries),
+        random_effects(summaries, method="DL"),
+        random_effects(summaries, method="REML"),
         adaptive(summaries, C=C, n_boot=n_boot, seed=seed),
     ]
     settings: dict[str, Any] = {"C": C, "n_boot": n_boot, "seed": seed}
     fit = None
-    if bayes:
+    if bayes and len(summaries.usable()) < 2:
+        settings["bayes_skipped"] = "one usable task, nothing to fuse"
+    elif bayes:
         from latefusion.bayes import fit_bayes
 
         options = {"seed": seed, **(bayes_options or {})}

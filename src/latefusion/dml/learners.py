@@ -13,6 +13,7 @@ from sklearn.preprocessing import StandardScaler
 
 __all__ = [
     "SMALL_TASK_ROWS",
+    "best_of",
     "default_classifier",
     "default_regressor",
     "learner_preset",
@@ -124,3 +125,32 @@ def learner_preset(name: str) -> tuple[BaseEstimator | None, BaseEstimator | Non
         big = SMALL_TASK_ROWS
         return default_regressor(big), default_classifier(big)
     raise ValueError(f"unknown learner preset {name!r}: default, linear, forest or boosting")
+
+
+def best_of(candidates: list[BaseEstimator], cv: int = 3) -> BaseEstimator:
+    """A learner that picks, each time it is fitted, the best of ``candidates`` by CV loss.
+
+    Fitted inside each cross-fitting training fold, the choice never sees the held-out fold, so
+    cross-fitting stays valid (nested cross-validation). Loss: mean squared error for
+    regressors, log loss for classifiers. Built on :class:`sklearn.model_selection.GridSearchCV`
+    (the selected learner is its ``best_params_["learner"]``).
+
+    Parameters
+    ----------
+    candidates : list of scikit-learn estimators
+        All regressors or all classifiers (with ``predict_proba``).
+    cv : int, default=3
+        Inner folds.
+    """
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import Pipeline
+
+    if len(candidates) < 1:
+        raise ValueError("best_of needs at least one candidate learner")
+    kinds = {is_classifier(c) for c in candidates}
+    if len(kinds) != 1:
+        raise TypeError("best_of candidates must be all regressors or all classifiers")
+    classifier = kinds.pop()
+    scoring = "neg_log_loss" if classifier else "neg_mean_squared_error"
+    pipe = Pipeline([("learner", candidates[0])])
+    return GridSearchCV(pipe, {"learner": list(candidates)}, cv=cv, scoring=scoring)
