@@ -63,7 +63,7 @@ def test_user_spec_file(tmp_path: Path) -> None:
     spec = load_spec(path)
     assert spec.name == "my_rhs"
     assert spec.params == {"slab_scale": 3.0, "slab_df": 4.0}
-    assert spec.parameterization == "noncentered"
+    assert spec.parameterization == "marginalized"
     assert load_spec(str(path)) == spec
 
 

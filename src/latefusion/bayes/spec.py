@@ -12,7 +12,17 @@ Example (``models/horseshoe.toml``)::
     deviation = "horseshoe"
     global_scale = 1.0       # tau_0, in units of D (the tasks' standard errors)
     beta_scale = 10.0        # prior sd of beta_j, in units of s_j
-    parameterization = "noncentered"
+    parameterization = "marginalized"
+
+Default parameterisation
+------------------------
+``"marginalized"`` (delta integrated out given the scales, drawn afterwards by Gaussian
+conditioning). Measured on eight schools at the default settings (4 chains, 1000 tuning steps
+and 1000 draws, target_accept 0.95, seeds 0-4): divergences in the first run were 0 for every
+seed with the normal and the horseshoe model marginalised; 0-1 (normal) and 14-40 (horseshoe)
+non-centred, with 7-31 horseshoe divergences left after the retry at target_accept 0.99;
+0-6 for the centred normal model, with bulk ESS down to 56. The marginalised runs were also
+2-4 times faster.
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ DEVIATIONS: dict[str, dict[str, float]] = {
 _COMMON_DEFAULTS: dict[str, Any] = {
     "global_scale": 1.0,
     "beta_scale": 10.0,
-    "parameterization": "noncentered",
+    "parameterization": "marginalized",
 }
 
 # Family parameters that must be > 0 (all of them today).
@@ -76,7 +86,8 @@ class ModelSpec:
         tau_0: the scale of tau ~ HalfCauchy(tau_0), in units of D (standard errors).
     beta_scale : float, default=10.0
         beta_j ~ Normal(0, beta_scale * s_j).
-    parameterization : {"noncentered", "centered", "marginalized"}, default="noncentered"
+    parameterization : {"noncentered", "centered", "marginalized"}, default="marginalized"
+        How delta is sampled; see :func:`latefusion.bayes.model.build_model`.
     params : dict
         Family parameters (``slab_scale``, ``slab_df`` for the regularised horseshoe, ``nu``
         for Student-t), defaults filled in.
@@ -89,7 +100,7 @@ class ModelSpec:
     deviation: str
     global_scale: float = 1.0
     beta_scale: float = 10.0
-    parameterization: str = "noncentered"
+    parameterization: str = "marginalized"
     params: Mapping[str, float] = field(default_factory=dict)
     source: str = "<code>"
 
