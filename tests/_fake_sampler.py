@@ -1,8 +1,9 @@
 """A stand-in for ``pm.sample`` shared by the compare and sensitivity tests.
 
 It returns prior draws shaped as a posterior, with the observed data as ``pm.sample`` stores
-them (so every group that ``fit_bayes`` derives has its real structure) and no divergences; 2 x 400 independent draws give effective
-sample sizes near 800, above the convergence warning's threshold of 400.
+them (so every group that ``fit_bayes`` derives has its real structure) and no divergences;
+2 x 400 independent draws give effective sample sizes near 800, above the convergence
+warning's threshold of 400.
 """
 
 from __future__ import annotations

@@ -125,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--jobs", type=int, default=-1, help="tasks in parallel (default: all)")
     _add_fusion_options(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    from latefusion.sensitivity_cli import add_sensitivity_parser
+
+    add_sensitivity_parser(sub)
     return parser
 
 
@@ -262,23 +266,10 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
-    from latefusion.summaries import SummarySet
+    from latefusion.summaries import read_summary_files
 
     started = time.perf_counter()
-    sets = []
-    for path in args.inputs:
-        if not path.is_file():
-            raise FileNotFoundError(f"no such file: {path}")
-        if path.suffix.lower() == ".csv":
-            from latefusion.dml.interop import summaries_from_table
-
-            try:
-                sets.append(summaries_from_table(path))
-            except ValueError as exc:
-                raise ValueError(f"{path}: {exc}") from None
-        else:
-            sets.append(SummarySet.read_json(path, project_psd=args.project_psd))
-    summaries = SummarySet.combine(sets, [str(p) for p in args.inputs])
+    summaries = read_summary_files(args.inputs, project_psd=args.project_psd)
     return _fuse_and_write(summaries, args, started)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -81,7 +81,12 @@ def _task_order(task_rows: pd.DataFrame, coef: str) -> list[str]:
     return list(dict.fromkeys(task_rows["task"]))
 
 
-def forest_plot(table: pd.DataFrame, coef: str | None = None, max_tasks: int = 200):
+def forest_plot(
+    table: pd.DataFrame,
+    coef: str | None = None,
+    max_tasks: int = 200,
+    colors: Mapping[str, str] | None = None,
+):
     """Forest plot of every method: the pooled centre on top, then each task.
 
     Parameters
@@ -92,6 +97,8 @@ def forest_plot(table: pd.DataFrame, coef: str | None = None, max_tasks: int = 2
         One coefficient; by default one panel per coefficient.
     max_tasks : int, default=200
         Tasks beyond this are left out of the plot (never out of the table); the title says so.
+    colors : mapping method -> colour, optional
+        Colour of each method; by default the methods take matplotlib's colour cycle in order.
 
     Returns
     -------
@@ -107,7 +114,7 @@ def forest_plot(table: pd.DataFrame, coef: str | None = None, max_tasks: int = 2
     labels = [*(lbl for lbl in ("pooled", "new_task") if (table["level"] == lbl).any()), *shown]
     height = max(3.0, 0.28 * len(labels) + 1.2)
     fig, axes = plt.subplots(1, len(coefs), figsize=(5.5 * len(coefs), height), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     offsets = np.linspace(-0.3, 0.3, len(methods)) if len(methods) > 1 else np.zeros(1)
     for ax, c in zip(axes[0], coefs, strict=True):
         part = table[table["coef"] == c]
@@ -124,7 +131,7 @@ def forest_plot(table: pd.DataFrame, coef: str | None = None, max_tasks: int = 2
                     xs.append(hit["estimate"].iloc[0])
                     lo.append(hit["lower"].iloc[0])
                     hi.append(hit["upper"].iloc[0])
-            color = colors[m % len(colors)]
+            color = (colors or {}).get(method, cycle[m % len(cycle)])
             ax.hlines(ys, lo, hi, color=color, lw=1.2)
             ax.plot(xs, ys, "o", ms=3.5, color=color, label=method)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)

@@ -21,7 +21,7 @@ import numpy as np
 
 from latefusion._version import __version__
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "SummarySet", "TaskSummary"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "SummarySet", "TaskSummary", "read_summary_files"]
 
 SCHEMA = "latefusion.summaries"
 SCHEMA_VERSION = 1
@@ -368,6 +368,36 @@ class SummarySet:
                     )
         meta = {"sites": {src: ss.meta for ss, src in zip(sets, sources, strict=True)}}
         return cls([s for ss in sets for s in ss], meta=meta)
+
+
+def read_summary_files(
+    paths: Iterable[str | os.PathLike[str]], project_psd: bool = False
+) -> SummarySet:
+    """One SummarySet from summary JSON files and CSV tables of univariate summaries.
+
+    JSON files are read by :meth:`SummarySet.read_json`; ``.csv``/``.tsv``/``.gz`` tables (the
+    meta-analyst's ``task,coef,estimate,std_error``) by
+    :func:`latefusion.dml.interop.summaries_from_table`. Several files are combined with
+    :meth:`SummarySet.combine`; every error names the file at fault.
+    """
+    paths = [Path(p) for p in paths]
+    sets = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        if path.suffix.lower() in (".csv", ".tsv", ".gz"):
+            from latefusion.dml.interop import summaries_from_table
+
+            try:
+                sets.append(summaries_from_table(path, project_psd=project_psd))
+            except ValueError as exc:
+                msg = str(exc)
+                raise ValueError(msg if str(path) in msg else f"{path}: {msg}") from None
+        else:
+            sets.append(SummarySet.read_json(path, project_psd=project_psd))
+    if len(sets) == 1:
+        return sets[0]
+    return SummarySet.combine(sets, [str(p) for p in paths])
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
