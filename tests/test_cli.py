@@ -24,16 +24,35 @@ def csv(tmp_path):
 
 def _args(csv, out, *extra):
     covs = ["x1", "x2", "x3", "x4", "x5"]
-    return ["run", str(csv), "--task", "task", "--treatment", "A", "--outcome", "Y",
-            "--covariates", *covs, "--out", str(out), "--jobs", "1", *extra]  # fmt: skip
+    return [
+        "run",
+        str(csv),
+        "--task",
+        "task",
+        "--treatment",
+        "A",
+        "--outcome",
+        "Y",
+        "--covariates",
+        *covs,
+        "--out",
+        str(out),
+        "--jobs",
+        "1",
+        *extra,
+    ]
 
 
 def test_run_without_bayes_writes_outputs_with_the_public_columns(csv, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(_args(csv, out, "--no-bayes", "--propensity", "design")) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "estimates.csv", "forest.png", "heterogeneity.csv", "report.md", "summaries.json",
-    ]  # fmt: skip
+        "estimates.csv",
+        "forest.png",
+        "heterogeneity.csv",
+        "report.md",
+        "summaries.json",
+    ]
     est = pd.read_csv(out / "estimates.csv", keep_default_na=False)
     assert list(est.columns) == ESTIMATE_COLUMNS
     assert {"itl", "fixed_effect", "adaptive"} <= set(est["method"])
@@ -65,8 +84,20 @@ def test_run_with_bayes_writes_a_readable_posterior(csv, tmp_path):
 
 
 def test_missing_column_is_an_error_listing_the_columns(csv, tmp_path, capsys):
-    code = main(["run", str(csv), "--task", "site", "--treatment", "A", "--outcome", "Y",
-                 "--out", str(tmp_path / "o")])  # fmt: skip
+    code = main(
+        [
+            "run",
+            str(csv),
+            "--task",
+            "site",
+            "--treatment",
+            "A",
+            "--outcome",
+            "Y",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "['site'] not found" in err and "'task', 'A', 'Y'" in err
@@ -74,8 +105,20 @@ def test_missing_column_is_an_error_listing_the_columns(csv, tmp_path, capsys):
 
 
 def test_missing_file_is_an_error(tmp_path, capsys):
-    code = main(["run", str(tmp_path / "nope.csv"), "--task", "t", "--treatment", "a",
-                 "--outcome", "y", "--out", str(tmp_path / "o")])  # fmt: skip
+    code = main(
+        [
+            "run",
+            str(tmp_path / "nope.csv"),
+            "--task",
+            "t",
+            "--treatment",
+            "a",
+            "--outcome",
+            "y",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "no such file" in capsys.readouterr().err
 
 
@@ -117,9 +160,28 @@ def _site_csvs(tmp_path):
 
 
 def _summarize(csv, out, *extra):
-    return main(["summarize", str(csv), "--task", "task", "--treatment", "A", "--outcome", "Y",
-                 "--covariates", "x1", "x2", "--propensity", "design", "--jobs", "1",
-                 "--out", str(out), *extra])  # fmt: skip
+    return main(
+        [
+            "summarize",
+            str(csv),
+            "--task",
+            "task",
+            "--treatment",
+            "A",
+            "--outcome",
+            "Y",
+            "--covariates",
+            "x1",
+            "x2",
+            "--propensity",
+            "design",
+            "--jobs",
+            "1",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_sites_summarize_and_a_coordinator_fuses(tmp_path, capsys):
@@ -129,8 +191,16 @@ def test_sites_summarize_and_a_coordinator_fuses(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "task04: not exported: smaller arm has 6 units, under the minimum of 10" in printed
     out = tmp_path / "fused"
-    code = main(["fuse", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--no-bayes",
-                 "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "fuse",
+            str(tmp_path / "a.json"),
+            str(tmp_path / "b.json"),
+            "--no-bayes",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     est = pd.read_csv(out / "estimates.csv", keep_default_na=False)
     assert {"random_effects_dl", "random_effects_reml"} <= set(est["method"])
@@ -156,8 +226,16 @@ def test_fuse_refuses_duplicate_tasks_naming_both_files(tmp_path, capsys):
     a, _ = _site_csvs(tmp_path)
     assert _summarize(a, tmp_path / "a.json") == 0
     (tmp_path / "copy.json").write_text((tmp_path / "a.json").read_text())
-    code = main(["fuse", str(tmp_path / "a.json"), str(tmp_path / "copy.json"), "--no-bayes",
-                 "--out", str(tmp_path / "o")])  # fmt: skip
+    code = main(
+        [
+            "fuse",
+            str(tmp_path / "a.json"),
+            str(tmp_path / "copy.json"),
+            "--no-bayes",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "appears in both" in err and "copy.json" in err
 
@@ -186,3 +264,53 @@ def test_fuse_one_task_returns_it_and_says_heterogeneity_is_not_estimable(tmp_pa
     own = est[(est["method"] == "itl")]["estimate"].item()
     assert own == 2.0
     assert (est[est["level"] != "new_task"]["estimate"] == 2.0).all()
+
+
+def test_task_labels_stay_text_so_look_alike_numbers_are_not_merged(tmp_path, capsys):
+    df, _ = simulate_rows(n_tasks=3, n=80, randomised=True, seed=2)
+    df["task"] = df["task"].map({"task00": "1", "task01": "1.0", "task02": "01"})
+    path = tmp_path / "ids.csv"
+    df.to_csv(path, index=False)
+    out = tmp_path / "o"
+    code = main(
+        [
+            "run",
+            str(path),
+            "--task",
+            "task",
+            "--treatment",
+            "A",
+            "--outcome",
+            "Y",
+            "--no-bayes",
+            "--jobs",
+            "1",
+            "--propensity",
+            "design",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert "Tasks: 3 (3 fused, 0 excluded)" in capsys.readouterr().out
+
+
+def test_output_problems_are_errors_not_tracebacks_and_stale_files_go(csv, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(_args(csv, afile, "--no-bayes", "--propensity", "design")) == 2
+    assert "not a directory" in capsys.readouterr().err
+    out = tmp_path / "out"
+    (out / "report.md").mkdir(parents=True)
+    assert main(_args(csv, out, "--no-bayes", "--propensity", "design")) == 2
+    assert "are not files" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]  # nothing else replaced
+    (out / "report.md").rmdir()
+    (out / "posterior.nc").write_text("from an earlier run")
+    assert main(_args(csv, out, "--no-bayes", "--propensity", "design")) == 0
+    assert not (out / "posterior.nc").exists()
+
+
+def test_zero_chains_is_a_usage_error(csv, tmp_path):
+    with pytest.raises(SystemExit):
+        main(_args(csv, tmp_path / "o", "--chains", "0"))

@@ -18,10 +18,15 @@ def _set(rng, K=4, p=2):
         A = rng.standard_normal((p, p))
         out.append(
             TaskSummary(
-                f"site{k}", "cate", ("intercept", "z")[:p], rng.standard_normal(p),
-                A @ A.T + np.eye(p), n=100 + k, diagnostics={"n_folds": 5, "lst": [1, 2]},
+                f"site{k}",
+                "cate",
+                ("intercept", "z")[:p],
+                rng.standard_normal(p),
+                A @ A.T + np.eye(p),
+                n=100 + k,
+                diagnostics={"n_folds": 5, "lst": [1, 2]},
             )
-        )  # fmt: skip
+        )
     out.append(TaskSummary.excluded("bad", "cate", ("intercept", "z")[:p], 7, "one arm"))
     return SummarySet(out, meta={"dml": {"model": "irm", "clip": 0.01}})
 
@@ -62,11 +67,13 @@ def test_written_file_has_the_usual_mode_and_no_temporary_left(tmp_path, rng):
         ('{"schema": "other"}', "not a latefusion summaries file"),
         ('{"schema": "latefusion.summaries", "schema_version": 99, "tasks": []}', "version 99"),
         ('{"schema": "latefusion.summaries", "schema_version": 1, "tasks": {}}', "not a list"),
-        ('{"schema": "latefusion.summaries", "schema_version": 1, "tasks": [{"task": "a"}]}',
-         "task 'a'.*missing field"),
+        (
+            '{"schema": "latefusion.summaries", "schema_version": 1, "tasks": [{"task": "a"}]}',
+            "task 'a'.*missing field",
+        ),
         ("\xff\xfe", "not valid JSON"),
     ],
-)  # fmt: skip
+)
 def test_malformed_files_raise_value_error_naming_the_file(tmp_path, text, match):
     path = tmp_path / "site.json"
     path.write_bytes(text.encode("latin-1"))
@@ -127,8 +134,14 @@ def test_rounding_asymmetry_is_symmetrised_and_real_asymmetry_refused():
 
 
 def test_indefinite_covariance_is_refused_or_projected_when_asked(tmp_path):
-    bad = {"task": "site9", "estimand": "cate", "n": 50, "coef_names": ["intercept", "z"],
-           "estimate": [1.0, 2.0], "covariance": [[1.0, 2.0], [2.0, 1.0]]}  # fmt: skip
+    bad = {
+        "task": "site9",
+        "estimand": "cate",
+        "n": 50,
+        "coef_names": ["intercept", "z"],
+        "estimate": [1.0, 2.0],
+        "covariance": [[1.0, 2.0], [2.0, 1.0]],
+    }
     doc = {"schema": "latefusion.summaries", "schema_version": 1, "tasks": [bad]}
     path = tmp_path / "s.json"
     path.write_text(json.dumps(doc))
@@ -154,3 +167,42 @@ def test_combine_sites_checks_duplicates_and_coefficients(rng):
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such summary file"):
         SummarySet.read_json(tmp_path / "nope.json")
+
+
+def test_deeply_nested_json_and_bad_fields_are_value_errors(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text(
+        '{"schema": "latefusion.summaries", "schema_version": 1, "tasks": ' + "[" * 100_000
+    )
+    with pytest.raises(ValueError, match="deep.json"):
+        SummarySet.read_json(deep)
+    good = {
+        "task": "a",
+        "estimand": "ate",
+        "n": 10,
+        "coef_names": ["effect"],
+        "estimate": [1.0],
+        "covariance": [[1.0]],
+    }
+    for field, value, match in [
+        ("n", -5, "'n' must be a count"),
+        ("n", "100", "'n' must be a count"),
+        ("task", None, "not a string"),
+        ("coef_names", 3, "not a list of names"),
+        ("estimand", 3, "not a name"),
+    ]:
+        doc = {
+            "schema": "latefusion.summaries",
+            "schema_version": 1,
+            "tasks": [{**good, field: value}],
+        }
+        path = tmp_path / "f.json"
+        path.write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match=match):
+            SummarySet.read_json(path)
+
+
+def test_byte_order_mark_is_accepted(tmp_path, rng):
+    path = _set(rng).to_json(tmp_path / "s.json")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert len(SummarySet.read_json(path)) == 5

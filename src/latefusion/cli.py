@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, ImportError) as exc:
         print(f"latefusion: error: {exc}", file=sys.stderr)
         return 2
 
@@ -132,6 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", type=Path, help="CSV file, one row per unit")
     p.add_argument("--task", required=True, help="column naming the task (site, school)")
@@ -175,8 +182,12 @@ def _add_estimation_options(p: argparse.ArgumentParser) -> None:
         default="default",
         help="nuisance learners (default: by task size)",
     )
-    g.add_argument("--n-folds", type=int, default=5, help="cross-fitting folds (default 5)")
-    g.add_argument("--n-rep", type=int, default=1, help="repeated splits (median; default 1)")
+    g.add_argument(
+        "--n-folds", type=_positive_int, default=5, help="cross-fitting folds (default 5)"
+    )
+    g.add_argument(
+        "--n-rep", type=_positive_int, default=1, help="repeated splits (median; default 1)"
+    )
     g.add_argument(
         "--min-folds",
         type=int,
@@ -206,9 +217,9 @@ def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -
         help="Bayesian model: a catalogue name or a .toml spec file",
     )
     g.add_argument("--no-bayes", action="store_true", help="skip the Bayesian model")
-    g.add_argument("--draws", type=int, default=1000, help="posterior draws per chain")
-    g.add_argument("--tune", type=int, default=1000, help="tuning steps per chain")
-    g.add_argument("--chains", type=int, default=4, help="MCMC chains")
+    g.add_argument("--draws", type=_positive_int, default=1000, help="posterior draws per chain")
+    g.add_argument("--tune", type=_positive_int, default=1000, help="tuning steps per chain")
+    g.add_argument("--chains", type=_positive_int, default=4, help="MCMC chains")
 
 
 # Commands -------------------------------------------------------------------------------------
@@ -216,7 +227,7 @@ def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -
 
 def _cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    summaries = _estimate(_read_csv(args.data), args)
+    summaries = _estimate(_read_csv(args.data, args.task), args)
     return _fuse_and_write(summaries, args, started)
 
 
@@ -242,7 +253,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_summarize(args: argparse.Namespace) -> int:
     from latefusion.summaries import SummarySet, TaskSummary
 
-    summaries = _estimate(_read_csv(args.data), args)
+    summaries = _estimate(_read_csv(args.data, args.task), args)
     kept = []
     for s in summaries:
         smaller = min(s.diagnostics.get("n_treated", s.n), s.diagnostics.get("n_control", s.n))
@@ -276,11 +287,12 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 # Shared steps ---------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _read_csv(path: Path, task_col: str) -> pd.DataFrame:
+    """Read the rows; task labels stay text, so "1", "1.0" and "01" remain three tasks."""
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, dtype={task_col: str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not a readable CSV file: {exc}") from None
 
@@ -293,6 +305,10 @@ def _estimate(data: pd.DataFrame, args: argparse.Namespace):
     if propensity not in ("estimate", "design"):
         propensity, propensity_col = "design", args.propensity
     ml_outcome, ml_treatment = learner_preset(args.learner)
+    if args.model == "plr" and args.treated is None and ml_treatment is not None:
+        a = pd.to_numeric(data[args.treatment], errors="coerce").dropna()
+        if not a.isin([0, 1]).all():  # a continuous treatment: E[A|X] is a regression
+            ml_treatment = ml_outcome
     settings = DMLSettings(
         model=args.model, estimand=args.estimand, ml_outcome=ml_outcome,
         ml_treatment=ml_treatment, n_folds=args.n_folds, n_rep=args.n_rep,

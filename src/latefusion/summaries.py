@@ -156,6 +156,18 @@ class TaskSummary:
         missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"task {task!r}{where}: missing field(s) {missing}")
+        if not isinstance(d["task"], str) or not d["task"]:
+            raise ValueError(f"a task entry{where} has task name {d['task']!r}, not a string")
+        if not isinstance(d["estimand"], str) or not d["estimand"]:
+            raise ValueError(f"task {task!r}{where}: estimand {d['estimand']!r} is not a name")
+        names = d["coef_names"]
+        if not isinstance(names, list) or not names or not all(isinstance(c, str) for c in names):
+            raise ValueError(f"task {task!r}{where}: 'coef_names' is not a list of names")
+        n = d["n"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"task {task!r}{where}: 'n' must be a count, got {n!r}")
+        if not isinstance(d["estimate"], list) or not isinstance(d["covariance"], list):
+            raise ValueError(f"task {task!r}{where}: estimate and covariance must be lists")
         try:
             theta_hat = np.array([_unfloat(x) for x in d["estimate"]], dtype=float)
             V = np.array([[_unfloat(x) for x in row] for row in d["covariance"]], dtype=float)
@@ -326,9 +338,10 @@ class SummarySet:
         if size > MAX_FILE_BYTES:
             raise ValueError(f"summary file {path} is {size} bytes, over {MAX_FILE_BYTES}")
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"summary file {path} is not valid JSON: {exc}") from None
+            d = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise ValueError(f"summary file {path} is not valid JSON: {what}") from None
         try:
             return cls.from_dict(d, source=str(path), project_psd=project_psd)
         except ValueError as exc:
@@ -387,6 +400,10 @@ def read_summary_files(
             raise FileNotFoundError(f"no such file: {path}")
         if path.suffix.lower() in (".csv", ".tsv", ".gz"):
             from latefusion.dml.interop import summaries_from_table
+
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise ValueError(f"summary file {path} is {size} bytes, over {MAX_FILE_BYTES}")
 
             try:
                 sets.append(summaries_from_table(path, project_psd=project_psd))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from latefusion._version import __version__
@@ -91,6 +92,11 @@ class FusionRun:
         of them are complete, so an error never leaves a half-written output.
         """
         out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a directory")
+        blocked = [n for n in OUTPUT_FILES if (out / n).exists() and not (out / n).is_file()]
+        if blocked:
+            raise ValueError(f"cannot write into {out}: {blocked} exist and are not files")
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".latefusion-", dir=out))
         try:
@@ -100,6 +106,11 @@ class FusionRun:
                 target = out / name
                 os.replace(path, target)
                 paths[name] = target
+            # An output of an earlier run that this run did not make (posterior.nc after
+            # --no-bayes) would be read as this run's: remove it.
+            for name in OUTPUT_FILES:
+                if name not in written and (out / name).is_file():
+                    (out / name).unlink()
             return paths
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -254,7 +265,23 @@ def fuse_summaries(
         results.append(fit.result)
         settings["bayes"] = {"model": fit.spec.name, **_plain(options)}
     settings["seconds"] = round(time.perf_counter() - started, 2)
+    _check_finite(results)
     return FusionRun(summaries, results, fit, settings)
+
+
+def _check_finite(results: list[FusionResult]) -> None:
+    """Never pass on a silent NaN: a method that produced one is an error naming it."""
+    for r in results:
+        t = r.table()
+        # std_error is NaN by request when the adaptive bootstrap is switched off (n_boot=0)
+        cols = ["estimate", "std_error"] if r.info.get("n_boot", 1) else ["estimate"]
+        bad = t[~np.isfinite(t[cols]).all(axis=1)]
+        if len(bad):
+            where = sorted({f"{row.level} {row.task}".strip() for row in bad.itertuples()})
+            raise ValueError(
+                f"{r.method} produced non-finite estimates for {where[:5]}; the summaries' "
+                "scales may be outside what it handles (rescale the outcome)"
+            )
 
 
 def _plain(d: Mapping[str, Any]) -> dict[str, Any]:
