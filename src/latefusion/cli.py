@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as exc:
         print(f"latefusion: error: {exc}", file=sys.stderr)
         return 2
 
@@ -127,8 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     from latefusion.sensitivity_cli import add_sensitivity_parser
+    from latefusion.simulation.cli import add_simulate_parser
 
     add_sensitivity_parser(sub)
+    add_simulate_parser(sub)
     return parser
 
 
@@ -196,6 +198,13 @@ def _add_estimation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip", type=float, default=0.01, help="propensity clipping bound")
     g.add_argument("--cluster", metavar="COL", help="clusters within tasks (cluster-robust)")
     g.add_argument("--dropna", action="store_true", help="drop rows with missing values")
+    g.add_argument(
+        "--nuisance",
+        choices=["task", "multitask"],
+        default="task",
+        help="nuisance learning per task (default), or shared across tasks with "
+        "task-specific deviations (rows of all tasks used together)",
+    )
     g.add_argument("--jobs", type=int, default=-1, help="tasks in parallel (default: all)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
@@ -247,6 +256,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     args.model, args.estimand, args.treated, args.control = "irm", "ate", None, None
     args.propensity, args.learner, args.n_folds, args.n_rep = "design", "default", 5, 1
     args.min_folds, args.clip, args.cluster, args.dropna = None, 0.01, None, False
+    args.nuisance = "task"
     return _fuse_and_write(_estimate(data, args), args, started)
 
 
@@ -298,8 +308,9 @@ def _read_csv(path: Path, task_col: str) -> pd.DataFrame:
 
 
 def _estimate(data: pd.DataFrame, args: argparse.Namespace):
-    from latefusion.dml import DMLSettings, estimate_tasks
+    from latefusion.dml import DMLSettings
     from latefusion.dml.learners import learner_preset
+    from latefusion.dml.multitask import estimate_tasks_with
 
     propensity, propensity_col = args.propensity, None
     if propensity not in ("estimate", "design"):
@@ -310,15 +321,34 @@ def _estimate(data: pd.DataFrame, args: argparse.Namespace):
         if not a.isin([0, 1]).all():  # a continuous treatment: E[A|X] is a regression
             ml_treatment = ml_outcome
     settings = DMLSettings(
-        model=args.model, estimand=args.estimand, ml_outcome=ml_outcome,
-        ml_treatment=ml_treatment, n_folds=args.n_folds, n_rep=args.n_rep,
-        min_folds=args.min_folds, propensity=propensity, clip=args.clip, seed=args.seed,
-    )  # fmt: skip
-    return estimate_tasks(
-        data, args.task, args.treatment, args.outcome, args.covariates, args.modifiers,
-        settings, treated=args.treated, control=args.control, propensity_col=propensity_col,
-        cluster_col=args.cluster, dropna=args.dropna, n_jobs=args.jobs, progress=True,
-    )  # fmt: skip
+        model=args.model,
+        estimand=args.estimand,
+        ml_outcome=ml_outcome,
+        ml_treatment=ml_treatment,
+        n_folds=args.n_folds,
+        n_rep=args.n_rep,
+        min_folds=args.min_folds,
+        propensity=propensity,
+        clip=args.clip,
+        seed=args.seed,
+    )
+    return estimate_tasks_with(
+        args.nuisance,
+        data,
+        args.task,
+        args.treatment,
+        args.outcome,
+        args.covariates,
+        args.modifiers,
+        settings,
+        treated=args.treated,
+        control=args.control,
+        propensity_col=propensity_col,
+        cluster_col=args.cluster,
+        dropna=args.dropna,
+        n_jobs=args.jobs,
+        progress=True,
+    )
 
 
 def _fuse_and_write(summaries: Any, args: argparse.Namespace, started: float) -> int:
@@ -333,10 +363,13 @@ def _fuse_and_write(summaries: Any, args: argparse.Namespace, started: float) ->
     except ValueError:
         pass
     run = fuse_summaries(
-        summaries, C=C, bayes_model=args.bayes_model, bayes=not args.no_bayes,
+        summaries,
+        C=C,
+        bayes_model=args.bayes_model,
+        bayes=not args.no_bayes,
         bayes_options={"draws": args.draws, "tune": args.tune, "chains": args.chains},
         seed=args.seed,
-    )  # fmt: skip
+    )
     paths = run.write(args.out)
     _print_summary(run, args.out, paths, time.perf_counter() - started)
     return 0
