@@ -35,7 +35,8 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check src tests benchmarks
 
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	@# pytest -n 2 already fills both cores: one BLAS/OpenMP thread per process avoids oversubscription
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/run.py

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 
 from latefusion._version import __version__
 from latefusion.dml.task import DMLSettings, estimate_task
@@ -35,8 +36,9 @@ def estimate_tasks(
     propensity_col: str | None = None,
     cluster_col: str | None = None,
     dropna: bool = False,
-    n_jobs: int = 1,
+    n_jobs: int = -1,
     progress: bool = False,
+    scheduler: str | None = None,
 ) -> SummarySet:
     """Run double machine learning in every task and collect the summaries.
 
@@ -65,11 +67,18 @@ def estimate_tasks(
     dropna : bool, default=False
         Drop rows with missing values in the used columns (counted per task) instead of
         raising.
-    n_jobs : int, default=1
-        Tasks estimated in parallel (joblib; -1 for every core). Results do not depend on it:
-        every task's seed is derived from ``settings.seed`` and the task's position.
+    n_jobs : int, default=-1
+        Tasks estimated in parallel by joblib processes; -1 uses every core, 1 runs in this
+        process. Results do not depend on it: every task's seed is derived from
+        ``settings.seed`` and the task's position. A single task always runs in this process.
     progress : bool, default=False
         Show a progress bar over tasks (on stderr).
+    scheduler : str, optional
+        Address of a running Dask distributed scheduler (``"tcp://host:8786"``): the tasks run
+        on that cluster's workers through joblib's Dask backend instead of local processes,
+        with identical results. Needs the ``cluster`` extra (``pip install
+        "latefusion[cluster]"``), and latefusion installed on the workers. Each task's rows are
+        sent to the worker that estimates it; ``n_jobs`` is then ignored.
 
     Returns
     -------
@@ -91,44 +100,21 @@ def estimate_tasks(
         cluster_col=cluster_col,
         dropna=dropna,
     )
-    tasks = list(dict.fromkeys(data[task_col]))
-    present = set(frame[task_col])
+    tasks = list(pd.unique(data[task_col]))  # order of first appearance
     seeds = np.random.SeedSequence(settings.seed).generate_state(max(len(tasks), 1))
-    groups_by_task = frame.groupby(task_col, sort=False)
+    rows_of = frame.groupby(task_col, sort=False).indices
+    columns = _TaskColumns(outcome, treatment, X_cols, Z_cols, propensity_col, cluster_col)
 
-    def job(i: int, task: Any) -> TaskSummary:
-        if task not in present:
-            estimand = settings.resolved_estimand(bool(Z_cols))
-            names = ("intercept", *Z_cols) if Z_cols else ("effect",)
-            reason = f"no rows left after dropping {dropped.get(task, 0)} (missing values)"
-            return TaskSummary.excluded(str(task), estimand, names, 0, reason), []
-        g = groups_by_task.get_group(task)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            summary = estimate_task(
-                str(task),
-                y=g[outcome].to_numpy(float),
-                a=g[treatment].to_numpy(float),
-                X=g[X_cols].to_numpy(float),
-                settings=settings,
-                Z=g[Z_cols].to_numpy(float) if Z_cols else None,
-                covariate_names=X_cols,
-                modifier_names=Z_cols,
-                propensity=g[propensity_col].to_numpy(float) if propensity_col else None,
-                groups=g[cluster_col].to_numpy() if cluster_col else None,
-                seed=int(seeds[i]),
+    def jobs():
+        # Each job carries its own task's arrays only, built when the job is dispatched.
+        for i, task in enumerate(tasks):
+            arrays = columns.take(frame, rows_of[task]) if task in rows_of else None
+            yield delayed(_estimate_one)(
+                task, arrays, settings, columns, int(seeds[i]), dropped.get(task, 0)
             )
-        return _with_dropped(summary, dropped.get(task, 0)), caught
 
-    jobs = (delayed(job)(i, t) for i, t in enumerate(tasks))
-    runner = Parallel(n_jobs=n_jobs, return_as="generator")
-    results = runner(jobs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        results = tqdm(results, total=len(tasks), desc="tasks", unit="task")
     summaries = []
-    for summary, caught in results:
+    for summary, caught in _run(jobs(), len(tasks), n_jobs, scheduler, progress):
         for w in caught:  # re-raise warnings from workers in the caller's process
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         summaries.append(summary)
@@ -161,6 +147,99 @@ def estimate_tasks(
         "dropna": dropna,
     }
     return SummarySet(summaries, meta=meta)
+
+
+@dataclass(frozen=True)
+class _TaskColumns:
+    """Which columns of the prepared frame feed :func:`estimate_task`."""
+
+    outcome: str
+    treatment: str
+    X_cols: list[str]
+    Z_cols: list[str]
+    propensity_col: str | None
+    cluster_col: str | None
+
+    def take(self, frame: pd.DataFrame, rows: np.ndarray) -> dict[str, np.ndarray | None]:
+        """One task's arrays, each copied once from the frame's columns (row-major ``X``)."""
+        everything = len(rows) == len(frame)
+
+        def column(c: str, dtype: Any = float) -> np.ndarray:
+            values = frame[c].to_numpy(dtype=dtype)
+            return values.copy() if everything else values[rows]
+
+        def block(cols: list[str]) -> np.ndarray:
+            out = np.empty((len(rows), len(cols)))
+            for j, c in enumerate(cols):
+                values = frame[c].to_numpy(dtype=float)
+                out[:, j] = values if everything else values[rows]
+            return out
+
+        return {
+            "y": column(self.outcome),
+            "a": column(self.treatment),
+            "X": block(self.X_cols),
+            "Z": block(self.Z_cols) if self.Z_cols else None,
+            "propensity": column(self.propensity_col) if self.propensity_col else None,
+            "groups": column(self.cluster_col, None) if self.cluster_col else None,
+        }
+
+
+def _estimate_one(
+    task: Any,
+    arrays: dict[str, np.ndarray | None] | None,
+    settings: DMLSettings,
+    columns: _TaskColumns,
+    seed: int,
+    dropped: int,
+) -> tuple[TaskSummary, list[warnings.WarningMessage]]:
+    """One task, in whichever process runs it; warnings are returned, not raised."""
+    Z_cols = columns.Z_cols
+    if arrays is None:
+        estimand = settings.resolved_estimand(bool(Z_cols))
+        names = ("intercept", *Z_cols) if Z_cols else ("effect",)
+        reason = f"no rows left after dropping {dropped} (missing values)"
+        return TaskSummary.excluded(str(task), estimand, names, 0, reason), []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = estimate_task(
+            str(task),
+            settings=settings,
+            covariate_names=columns.X_cols,
+            modifier_names=Z_cols,
+            seed=seed,
+            **arrays,
+        )
+    return _with_dropped(summary, dropped), caught
+
+
+def _run(jobs, n_tasks: int, n_jobs: int, scheduler: str | None, progress: bool):
+    """Results of the jobs, in order: serially, in local processes, or on a Dask cluster."""
+    if scheduler is not None:
+        try:
+            from distributed import Client
+        except ImportError:
+            raise ImportError(
+                "scheduler=... needs Dask distributed: pip install 'latefusion[cluster]'"
+            ) from None
+        with Client(scheduler) as client, parallel_config("dask"):
+            log.info("estimating %d tasks on the Dask cluster at %s", n_tasks, client.scheduler)
+            yield from _progress(
+                Parallel(n_jobs=-1, return_as="generator")(jobs), n_tasks, progress
+            )
+        return
+    if n_tasks <= 1:
+        n_jobs = 1  # starting worker processes costs more than one task gains
+    runner = Parallel(n_jobs=n_jobs, return_as="generator")
+    yield from _progress(runner(jobs), n_tasks, progress)
+
+
+def _progress(results, n_tasks: int, progress: bool):
+    if not progress:
+        return results
+    from tqdm.auto import tqdm
+
+    return tqdm(results, total=n_tasks, desc="tasks", unit="task")
 
 
 def prepare_data(

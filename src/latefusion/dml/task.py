@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import log_loss, r2_score
 
 from latefusion.dml import _scores
 from latefusion.dml._folds import make_folds
@@ -190,9 +189,8 @@ def estimate_task(
         X = X[:, ~const]
         names = [c for c, k in zip(names, const, strict=True) if not k]
     if binary_a and X.shape[1]:
-        in_arm = [
-            c for j, c in enumerate(names) if np.ptp(X[a == 0, j]) == 0 or np.ptp(X[a == 1, j]) == 0
-        ]
+        flat_0, flat_1 = (np.ptp(X[a == arm], axis=0) == 0 for arm in (0, 1))
+        in_arm = [c for c, f0, f1 in zip(names, flat_0, flat_1, strict=True) if f0 or f1]
         if in_arm:
             diag["constant_within_arm"] = in_arm
     if X.shape[1] == 0:
@@ -273,14 +271,22 @@ def _cross_fit(y, a, X, split, settings, binary_a, binary_y, propensity, seed):
     for key in keys:
         out[key] = np.full(n, np.nan)
     for train, test in split:
+        X_test = X[test]
+        X_train = X[train] if {"l", "m"} & set(keys) else None  # one copy for both nuisances
+        a_train = a[train]
         for key in keys:
             if key == "m":
-                target, kind, rows, learner = a, a_kind, train, settings.ml_treatment
+                target, kind, learner = a_train, a_kind, settings.ml_treatment
+                X_fit = X_train
             else:
-                target, kind, learner = y, y_kind, settings.ml_outcome
-                rows = train if key == "l" else train[a[train] == int(key[1])]
+                learner, kind = settings.ml_outcome, y_kind
+                if key == "l":
+                    X_fit, target = X_train, y[train]
+                else:
+                    rows = train[a_train == int(key[1])]
+                    X_fit, target = X[rows], y[rows]
             est = prepare_learner(learner, kind, f"learner of {key}", n, seed)
-            out[key][test] = _fit_predict(est, kind, X[rows], target[rows], X[test])
+            out[key][test] = _fit_predict(est, kind, X_fit, target, X_test)
     return out
 
 
@@ -334,13 +340,16 @@ def _nuisance_fit(pred, y, a, binary_a, binary_y) -> dict[str, float]:
         if key not in pred:
             continue
         t, p = target[mask], pred[key][mask]
-        if len(np.unique(t)) < 2:
+        if len(t) == 0 or t.min() == t.max():
             continue
         binary = binary_a if key == "m" else binary_y
         if binary and p.min() >= 0 and p.max() <= 1:
-            fit[f"logloss_{key}"] = float(log_loss(t, np.clip(p, 1e-12, 1 - 1e-12), labels=[0, 1]))
+            # the log loss of sklearn.metrics.log_loss, without its input checks
+            p = np.clip(p, 1e-12, 1 - 1e-12)
+            fit[f"logloss_{key}"] = float(-np.mean(np.where(t == 1, np.log(p), np.log1p(-p))))
         else:
-            fit[f"r2_{key}"] = float(r2_score(t, p))
+            resid = t - p
+            fit[f"r2_{key}"] = float(1 - resid @ resid / np.sum((t - t.mean()) ** 2))
     return fit
 
 
