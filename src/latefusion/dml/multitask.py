@@ -24,7 +24,14 @@ from latefusion.dml import _scores
 from latefusion.dml._folds import make_folds
 from latefusion.dml.learners import prepare_learner
 from latefusion.dml.pipeline import prepare_data
-from latefusion.dml.task import DMLSettings, _clip, _merge, _nuisance_fit, _wants_classifier
+from latefusion.dml.task import (
+    DMLSettings,
+    _clip,
+    _merge,
+    _nuisance_fit,
+    _wants_classifier,
+    task_seeds,
+)
 from latefusion.summaries import SummarySet, TaskSummary
 from latefusion.warnings import ClippedPropensityWarning, TaskExcludedWarning
 
@@ -168,7 +175,7 @@ def estimate_tasks_multitask(
         dropna=dropna,
     )
     tasks = list(dict.fromkeys(data[task_col]))
-    seeds = np.random.SeedSequence(settings.seed).generate_state(max(len(tasks), 1))
+    seeds = task_seeds(settings.seed, tasks)
     estimand = settings.resolved_estimand(bool(Z_cols))
     coef_names = ("intercept", *Z_cols) if Z_cols else ("effect",)
 

@@ -13,7 +13,7 @@ import pandas as pd
 from joblib import Parallel, delayed, parallel_config
 
 from latefusion._version import __version__
-from latefusion.dml.task import DMLSettings, estimate_task
+from latefusion.dml.task import DMLSettings, estimate_task, task_seeds
 from latefusion.summaries import SummarySet, TaskSummary
 from latefusion.warnings import TaskExcludedWarning
 
@@ -101,7 +101,7 @@ def estimate_tasks(
         dropna=dropna,
     )
     tasks = list(pd.unique(data[task_col]))  # order of first appearance
-    seeds = np.random.SeedSequence(settings.seed).generate_state(max(len(tasks), 1))
+    seeds = task_seeds(settings.seed, tasks)
     rows_of = frame.groupby(task_col, sort=False).indices
     columns = _TaskColumns(outcome, treatment, X_cols, Z_cols, propensity_col, cluster_col)
 

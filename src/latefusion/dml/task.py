@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from latefusion.dml.learners import default_classifier, prepare_learner
 from latefusion.summaries import TaskSummary
 from latefusion.warnings import ClippedPropensityWarning
 
-__all__ = ["DMLSettings", "estimate_task"]
+__all__ = ["DMLSettings", "estimate_task", "task_seeds"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,19 @@ class DMLSettings:
             "clip": self.clip,
             "seed": self.seed,
         }
+
+
+def task_seeds(seed: int, tasks: Sequence[Any]) -> list[int]:
+    """A seed per task from the run's seed and the task's name (not its position).
+
+    A task gets the same folds, and so the same summary, whether it is estimated with the other
+    tasks (``latefusion run``) or alone at its site (``latefusion summarize``).
+    """
+    out = []
+    for task in tasks:
+        name = zlib.crc32(str(task).encode("utf-8"))
+        out.append(int(np.random.SeedSequence([int(seed) % 2**32, name]).generate_state(1)[0]))
+    return out
 
 
 def estimate_task(
