@@ -8,7 +8,7 @@ builds the PyMC model and holds a small NumPy core, ``fit`` samples, diagnoses a
 >>> fit.result.table()                                           # doctest: +SKIP
 """
 
-from latefusion.bayes.fit import BayesFit, fit_bayes, sample_prior
+from latefusion.bayes.fit import BayesFit, fit_bayes, nutpie_available, sample_prior
 from latefusion.bayes.model import build_model, coef_scales
 from latefusion.bayes.spec import ModelSpec, list_models, load_spec
 
@@ -20,5 +20,6 @@ __all__ = [
     "fit_bayes",
     "list_models",
     "load_spec",
+    "nutpie_available",
     "sample_prior",
 ]
