@@ -436,3 +436,32 @@ def test_eight_schools_without_divergences_at_defaults(model: str) -> None:
     assert d["max_rhat"] < 1.01 and min(d["min_ess_bulk"], d["min_ess_tail"]) > 400, d
     # Rubin (1981) and later analyses: a centre near 8 with a wide posterior.
     assert 4 < fit.result.beta.estimate[0] < 11
+
+
+@pytest.mark.slow
+def test_posterior_is_scale_equivariant() -> None:
+    # Estimates x c and covariances x c^2 must multiply the posterior of beta and theta by c:
+    # every prior scale is tied to the standard errors. Compared within 4 Monte Carlo
+    # standard errors of the two fits (independent chains, so not draw by draw).
+    rng = np.random.default_rng(77)
+    summaries, _ = make_summaries(rng, K=10, p=1, eta=0.5)
+    c = 250.0
+    scaled = SummarySet(
+        [
+            TaskSummary(s.task, s.estimand, s.coef_names, c * s.theta_hat, c**2 * s.V, s.n)
+            for s in summaries
+        ]
+    )
+    kwargs = {"draws": 1000, "tune": 500, "chains": 2, "cores": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # short runs; MCSE accounts for it
+        base = fit_bayes(summaries, seed=3, **kwargs).datatree.posterior
+        big = fit_bayes(scaled, seed=4, **kwargs).datatree.posterior
+    for name in ("beta", "theta"):
+        a, b = base[name], big[name] / c
+        mcse = np.hypot(azs.mcse(a).values, azs.mcse(b).values)
+        diff = np.abs(a.mean(("chain", "draw")).values - b.mean(("chain", "draw")).values)
+        assert np.all(diff < 4 * mcse), (name, diff, mcse)
+        # and the spread scales too: posterior sds agree within 10%
+        ratio = b.std(("chain", "draw")).values / a.std(("chain", "draw")).values
+        assert np.all(np.abs(ratio - 1) < 0.1), (name, ratio)

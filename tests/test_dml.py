@@ -339,3 +339,13 @@ def test_best_of_picks_inside_training_folds_and_beats_a_bad_candidate():
     # R^2 for m is far above the dummy's (which is <= 0 by construction).
     assert s.diagnostics["r2_m"] > 0.3 > dummy.diagnostics["r2_m"]
     assert abs(s.theta_hat[0] - theta[0, 0]) < 3 * s.std_error[0]
+
+
+def test_a_task_with_too_few_clusters_is_excluded_and_others_go_on(rng):
+    df, xcols = _small_frame(rng)
+    df["class"] = np.arange(len(df)) % 7
+    df.loc[df["task"] == "task01", "class"] = 0  # one cluster only
+    with pytest.warns(UserWarning, match="1 of 3 tasks excluded"):
+        ss = estimate_tasks(df, "task", "A", "Y", xcols, cluster_col="class")
+    assert "1 clusters, fewer than the 5 cross-fitting folds" in ss["task01"].reason
+    assert ss["task00"].ok and ss["task00"].diagnostics["n_clusters"] == 7

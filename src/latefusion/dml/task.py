@@ -221,6 +221,15 @@ def estimate_task(
     # Cross-fitting
     binary_y = bool(np.all(np.isin(y, (0, 1))))
     stratify = binary_a
+    if groups is not None:
+        n_clusters = len(np.unique(groups))
+        diag["n_clusters"] = n_clusters
+        if n_clusters < n_folds:
+            return excluded(
+                f"{n_clusters} clusters, fewer than the {n_folds} cross-fitting folds "
+                "(a cluster is never split between folds)",
+                **diag,
+            )
     splits = make_folds(a, n_folds, settings.n_rep, seed, stratify, groups)
     if settings.propensity == "design":
         if propensity is None:
