@@ -23,7 +23,7 @@ from latefusion._version import __version__
 from latefusion.dml import _scores
 from latefusion.dml._folds import make_folds
 from latefusion.dml.learners import prepare_learner
-from latefusion.dml.pipeline import prepare_data
+from latefusion.dml.pipeline import _with_dropped, prepare_data
 from latefusion.dml.task import (
     DMLSettings,
     _clip,
@@ -576,20 +576,3 @@ def _summarise_unit(unit, pred_reps, settings, estimand, coef_names) -> TaskSumm
     if np.any(se <= 1e-10 * scale):
         return TaskSummary.excluded(unit.task, estimand, coef_names, n, "zero standard error", diag)
     return TaskSummary(unit.task, estimand, coef_names, theta, V, n, diagnostics=diag)
-
-
-def _with_dropped(summary: TaskSummary, k: int) -> TaskSummary:
-    if not k:
-        return summary
-    diag = {**summary.diagnostics, "rows_dropped": int(k)}
-    return TaskSummary(
-        summary.task,
-        summary.estimand,
-        summary.coef_names,
-        summary.theta_hat,
-        summary.V,
-        summary.n,
-        summary.status,
-        summary.reason,
-        diag,
-    )
