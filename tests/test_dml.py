@@ -349,3 +349,10 @@ def test_a_task_with_too_few_clusters_is_excluded_and_others_go_on(rng):
         ss = estimate_tasks(df, "task", "A", "Y", xcols, cluster_col="class")
     assert "1 clusters, fewer than the 5 cross-fitting folds" in ss["task01"].reason
     assert ss["task00"].ok and ss["task00"].diagnostics["n_clusters"] == 7
+
+
+def test_text_outcome_is_an_error_naming_the_column(rng):
+    df, xcols = _small_frame(rng)
+    df["grade"] = np.array(["low", "mid", "high"])[np.arange(len(df)) % 3]
+    with pytest.raises(ValueError, match="outcome column 'grade' is not numeric"):
+        estimate_tasks(df, "task", "A", "grade", xcols)

@@ -317,10 +317,11 @@ def prepare_data(
     # Outcome numeric
     if not pd.api.types.is_numeric_dtype(df[outcome]) or pd.api.types.is_bool_dtype(df[outcome]):
         values = pd.unique(df[outcome])
-        if len(values) == 2 and not pd.api.types.is_numeric_dtype(df[outcome]):
+        if not pd.api.types.is_bool_dtype(df[outcome]):
+            advice = "code it 0/1 first" if len(values) == 2 else "convert it to numbers first"
+            shown = sorted(map(str, values))
             raise ValueError(
-                f"outcome column {outcome!r} is not numeric (values {list(values)}); code it "
-                "0/1 first"
+                f"outcome column {outcome!r} is not numeric (values {_few(shown)}); {advice}"
             )
         df[outcome] = df[outcome].astype(float)
 
