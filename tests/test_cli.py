@@ -314,3 +314,32 @@ def test_output_problems_are_errors_not_tracebacks_and_stale_files_go(csv, tmp_p
 def test_zero_chains_is_a_usage_error(csv, tmp_path):
     with pytest.raises(SystemExit):
         main(_args(csv, tmp_path / "o", "--chains", "0"))
+
+
+def test_report_tables_survive_newlines_and_pipes_in_task_names(tmp_path):
+    df, _ = simulate_rows(n_tasks=2, n=80, randomised=True, seed=5)
+    df["task"] = df["task"].map({"task00": "North\nsite", "task01": "East|West"})
+    path = tmp_path / "odd.csv"
+    df.to_csv(path, index=False)
+    out = tmp_path / "o"
+    args = [
+        "run",
+        str(path),
+        "--task",
+        "task",
+        "--treatment",
+        "A",
+        "--outcome",
+        "Y",
+        "--no-bayes",
+        "--jobs",
+        "1",
+        "--propensity",
+        "design",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    rows = [ln for ln in (out / "report.md").read_text().splitlines() if "North" in ln]
+    assert rows and all(ln.startswith("|") and ln.endswith("|") for ln in rows)
+    assert any("East\\|West" in ln for ln in (out / "report.md").read_text().splitlines())

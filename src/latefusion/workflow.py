@@ -156,11 +156,11 @@ class FusionRun:
             "",
             "## Pooled estimates",
             "",
-            self.pooled().to_markdown(index=False, floatfmt=".4g"),
+            _md(self.pooled(), index=False, floatfmt=".4g"),
             "",
             "## Heterogeneity between tasks",
             "",
-            self.heterogeneity().to_markdown(index=False, floatfmt=".4g"),
+            _md(self.heterogeneity(), index=False, floatfmt=".4g"),
             "",
         ]
         if n_ok == 1:
@@ -205,13 +205,13 @@ class FusionRun:
         lines += [
             "## Tasks",
             "",
-            status.to_markdown(index=False, floatfmt=".3g"),
+            _md(status, index=False, floatfmt=".3g"),
             "",
             "## All estimates",
             "",
             "Rows as in `estimates.csv`; intervals are 95%.",
             "",
-            self.table().to_markdown(index=False, floatfmt=".4g"),
+            _md(self.table(), index=False, floatfmt=".4g"),
             "",
         ]
         return "\n".join(lines)
@@ -282,6 +282,21 @@ def _check_finite(results: list[FusionResult]) -> None:
                 f"{r.method} produced non-finite estimates for {where[:5]}; the summaries' "
                 "scales may be outside what it handles (rescale the outcome)"
             )
+
+
+def _md(table: pd.DataFrame, **kwargs: Any) -> str:
+    """A markdown table whose text cells cannot break its rows (newlines, pipes in names)."""
+    text = table.select_dtypes(include="object").columns
+    clean = table.copy()
+    for col in text:
+        clean[col] = clean[col].map(
+            lambda v: (
+                v.replace("\r", " ").replace("\n", " ").replace("|", "\\|")
+                if isinstance(v, str)
+                else v
+            )
+        )
+    return clean.to_markdown(**kwargs)
 
 
 def _plain(d: Mapping[str, Any]) -> dict[str, Any]:

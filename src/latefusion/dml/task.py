@@ -70,6 +70,11 @@ class DMLSettings:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.model == "plr" and self.estimand not in (None, "plr"):
+            raise ValueError(
+                f"estimand {self.estimand!r} belongs to the interactive model (model='irm'); "
+                "the partially linear model estimates its coefficients"
+            )
         if self.model == "irm" and self.estimand not in (None, *ESTIMANDS["irm"]):
             raise ValueError(f"estimand must be one of {ESTIMANDS['irm']}, got {self.estimand!r}")
         if self.n_folds < 2 or self.n_rep < 1:
