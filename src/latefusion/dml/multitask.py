@@ -23,7 +23,7 @@ from latefusion._version import __version__
 from latefusion.dml import _scores
 from latefusion.dml._folds import make_folds
 from latefusion.dml.learners import prepare_learner
-from latefusion.dml.pipeline import _with_dropped, prepare_data
+from latefusion.dml.pipeline import _with_dropped, prepare_data, warn_excluded
 from latefusion.dml.task import (
     DMLSettings,
     _clip,
@@ -33,7 +33,7 @@ from latefusion.dml.task import (
     task_seeds,
 )
 from latefusion.summaries import SummarySet, TaskSummary
-from latefusion.warnings import ClippedPropensityWarning, TaskExcludedWarning
+from latefusion.warnings import ClippedPropensityWarning
 
 __all__ = ["DEVIATIONS", "estimate_tasks_multitask", "estimate_tasks_with"]
 
@@ -202,15 +202,7 @@ def estimate_tasks_multitask(
     ordered = [summaries[str(t)] for t in tasks]
     ordered = [_with_dropped(s, dropped.get(t, 0)) for s, t in zip(ordered, tasks, strict=True)]
 
-    excluded = [s for s in ordered if not s.ok]
-    if excluded:
-        warnings.warn(
-            f"{len(excluded)} of {len(ordered)} tasks excluded from fusion: "
-            + "; ".join(f"{s.task}: {s.reason}" for s in excluded[:5])
-            + (" ..." if len(excluded) > 5 else ""),
-            TaskExcludedWarning,
-            stacklevel=2,
-        )
+    warn_excluded(ordered, stacklevel=3)
     meta = {
         "latefusion_version": __version__,
         "dml": settings.describe(),

@@ -119,15 +119,7 @@ def estimate_tasks(
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         summaries.append(summary)
 
-    excluded = [s for s in summaries if not s.ok]
-    if excluded:
-        warnings.warn(
-            f"{len(excluded)} of {len(summaries)} tasks excluded from fusion: "
-            + "; ".join(f"{s.task}: {s.reason}" for s in excluded[:5])
-            + (" ..." if len(excluded) > 5 else ""),
-            TaskExcludedWarning,
-            stacklevel=2,
-        )
+    warn_excluded(summaries, stacklevel=3)
     meta = {
         "latefusion_version": __version__,
         "dml": settings.describe(),
@@ -240,6 +232,19 @@ def _progress(results, n_tasks: int, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(results, total=n_tasks, desc="tasks", unit="task")
+
+
+def warn_excluded(summaries: Sequence[TaskSummary], stacklevel: int = 2) -> None:
+    """One :class:`TaskExcludedWarning` listing the excluded tasks (the first five) and why."""
+    excluded = [s for s in summaries if not s.ok]
+    if excluded:
+        warnings.warn(
+            f"{len(excluded)} of {len(summaries)} tasks excluded from fusion: "
+            + "; ".join(f"{s.task}: {s.reason}" for s in excluded[:5])
+            + (" ..." if len(excluded) > 5 else ""),
+            TaskExcludedWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def prepare_data(
