@@ -19,13 +19,21 @@ MOCK = {"draws": 400, "tune": 10, "chains": 2, "seed": 3}
 
 
 class FakeSampler:
-    """Call-compatible with ``pm.sample``; records the calls."""
+    """Call-compatible with ``pm.sample``; records the calls.
 
-    def __init__(self) -> None:
+    ``divergences`` gives the number of divergent draws of the first, second, ... call (the
+    last entry repeats), to exercise the retry and the warnings.
+    """
+
+    def __init__(self, divergences: tuple[int, ...] = (0,)) -> None:
+        self.divergences = list(divergences)
         self.calls: list[dict] = []
 
     def __call__(self, draws=1000, *, tune=None, chains=None, model=None, **kwargs) -> xr.DataTree:
-        self.calls.append({"draws": draws, "tune": tune, "chains": chains, "model": model})
+        self.calls.append(
+            {"draws": draws, "tune": tune, "chains": chains, "model": model, **kwargs}
+        )
+        n_div = self.divergences[min(len(self.calls), len(self.divergences)) - 1]
         seed = kwargs["random_seed"]
         prior = pm.sample_prior_predictive(
             draws=draws * chains,
@@ -37,9 +45,11 @@ class FakeSampler:
             {name: _as_chains(da, chains, draws) for name, da in prior.data_vars.items()}
         )
         rng = np.random.default_rng(seed)
+        diverging = np.zeros(chains * draws, dtype=bool)
+        diverging[rng.choice(chains * draws, size=n_div, replace=False)] = True
         stats = xr.Dataset(
             {
-                "diverging": (("chain", "draw"), np.zeros((chains, draws), dtype=bool)),
+                "diverging": (("chain", "draw"), diverging.reshape(chains, draws)),
                 "energy": (("chain", "draw"), rng.normal(size=(chains, draws))),
             },
             coords={"chain": np.arange(chains), "draw": np.arange(draws)},

@@ -16,6 +16,7 @@ import pytest
 import xarray as xr
 
 import latefusion.bayes.fit
+from _fake_sampler import MOCK, FakeSampler  # 2 x 400 draws: ESS near 800, above 400
 from latefusion import FusionResult, SummarySet, TaskSummary, __version__
 from latefusion.bayes import BayesFit, fit_bayes, sample_prior
 from latefusion.warnings import ConvergenceWarning, FewTasksWarning
@@ -39,56 +40,11 @@ def make_summaries(
     return SummarySet(tasks), beta
 
 
-class FakeSampler:
-    """Stands in for ``pm.sample``: prior draws shaped as a posterior, divergences on demand."""
-
-    def __init__(self, divergences: tuple[int, ...] = (0,)) -> None:
-        self.divergences = list(divergences)
-        self.calls: list[dict] = []
-
-    def __call__(self, draws=1000, *, tune=None, chains=None, model=None, **kwargs) -> xr.DataTree:
-        self.calls.append({"draws": draws, "tune": tune, "chains": chains, **kwargs})
-        n_div = self.divergences[min(len(self.calls), len(self.divergences)) - 1]
-        seed = kwargs["random_seed"]
-        prior = pm.sample_prior_predictive(
-            draws=draws * chains,
-            model=model,
-            random_seed=seed,
-            compile_kwargs={"mode": "FAST_COMPILE"},
-        ).prior.to_dataset()
-        posterior = xr.Dataset(
-            {name: _as_chains(da, chains, draws) for name, da in prior.data_vars.items()}
-        )
-        rng = np.random.default_rng(seed)
-        diverging = np.zeros(chains * draws, dtype=bool)
-        diverging[rng.choice(chains * draws, size=n_div, replace=False)] = True
-        stats = xr.Dataset(
-            {
-                "diverging": (("chain", "draw"), diverging.reshape(chains, draws)),
-                "energy": (("chain", "draw"), rng.normal(size=(chains, draws))),
-            },
-            coords={"chain": np.arange(chains), "draw": np.arange(draws)},
-        )
-        return xr.DataTree.from_dict({"posterior": posterior, "sample_stats": stats})
-
-
-def _as_chains(da: xr.DataArray, chains: int, draws: int) -> xr.DataArray:
-    da = da.isel(chain=0, drop=True).drop_vars("draw")
-    values = da.values.reshape(chains, draws, *da.shape[1:])
-    coords = {d: da.coords[d] for d in da.dims[1:] if d in da.coords}
-    coords |= {"chain": np.arange(chains), "draw": np.arange(draws)}
-    return xr.DataArray(values, dims=("chain", "draw", *da.dims[1:]), coords=coords)
-
-
 @pytest.fixture
 def fake_sample(monkeypatch: pytest.MonkeyPatch) -> FakeSampler:
     fake = FakeSampler()
     monkeypatch.setattr(pm, "sample", fake)
     return fake
-
-
-# 2 x 400 independent draws: every ESS is near 800, above the warning threshold of 400.
-MOCK = {"draws": 400, "tune": 10, "chains": 2, "seed": 3}
 
 
 # Structure (sampling mocked) -------------------------------------------------------------------
