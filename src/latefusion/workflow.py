@@ -286,7 +286,7 @@ def _check_finite(results: list[FusionResult]) -> None:
 
 def _md(table: pd.DataFrame, **kwargs: Any) -> str:
     """A markdown table whose text cells cannot break its rows (newlines, pipes in names)."""
-    text = table.select_dtypes(include="object").columns
+    text = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
     clean = table.copy()
     for col in text:
         clean[col] = clean[col].map(
