@@ -3,9 +3,9 @@
 Reproduces a study like the paper's (METHOD.md section 6): per repetition, rows are drawn for
 20 randomised tasks of 200 rows, each task is estimated by double machine learning (interactive
 model, AIPW, ridge outcome learners, design propensity, 5 folds), and the summaries are fused
-by ITL, the fixed effect, DerSimonian-Laird random effects, the adaptive aggregator (theory and
-SURE constants) and the task-level horseshoe. Resumable: rerunning the command skips finished
-repetitions.
+by ITL, the fixed effect, DerSimonian-Laird random effects, the adaptive aggregator (with its
+default SURE constant, and with the theory constant) and the task-level horseshoe. Resumable:
+rerunning the command skips finished repetitions.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reference_study.py \
         --out benchmarks/reference_study/run --jobs 2
@@ -50,7 +50,7 @@ SETTINGS = StudySettings(
         "fixed_effect",
         "random_effects",
         "adaptive",
-        "adaptive_sure",
+        "adaptive_theory",
         "bayes_horseshoe",
     ),
     nuisance=("task",),
@@ -63,7 +63,7 @@ SETTINGS = StudySettings(
     draws=500,
     tune=500,
     chains=2,
-    sampler="pymc",  # what the committed run used (nutpie was not installed when it started)
+    sampler="pymc",  # PyMC's own NUTS, so that the study does not depend on the `fast` extra
     seed=1,
 )
 

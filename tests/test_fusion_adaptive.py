@@ -161,6 +161,26 @@ def test_divergence_matches_finite_differences(seed, p, rng):
     np.testing.assert_allclose(div, fd, atol=1e-6)
 
 
+def test_divergence_when_the_profile_hessian_is_singular():
+    # Equal variances, p = 1, a small C: the centre sits where one task is exactly at its
+    # threshold, and rounding can count that task as free too, so that no task is fused and the
+    # profile Hessian is exactly 0. Every theta_k is then theta_hat_k -+ lam / w (or, for the
+    # task at the threshold, beta = theta_hat_k -+ lam / w): each divergence is 1. This case
+    # once raised LinAlgError along the SURE grid.
+    from latefusion.simulation import Design, draw_summaries
+
+    row_seed = int(np.random.SeedSequence([0, 1, 10]).generate_state(1)[0])
+    summaries, _ = draw_summaries(Design(n_tasks=10, n=100, seed=0), row_seed)
+    theta_hat, V, _ = summaries.arrays()
+    prob = _armul.Problem.build(V, _armul.task_lambda(V, 0.030879642195494834))
+    sol = _armul.solve(theta_hat, problem=prob)
+    H = _armul._evaluate(sol.beta[None], theta_hat[None], prob, hessian=True).H
+    assert not sol.fused.any() and H[0, 0, 0] == 0.0  # the case this test is about
+    np.testing.assert_allclose(_armul.divergence(theta_hat, sol, prob), 1.0, atol=1e-12)
+    _, risk = sure_path(theta_hat, V)
+    assert np.all(np.isfinite(risk))
+
+
 @pytest.mark.parametrize("C", [0.5, 1.5])
 def test_sure_tracks_the_true_risk(C, rng):
     K, p, R = 30, 2, 200
@@ -198,16 +218,18 @@ def test_adaptive_result_carries_its_settings(rng):
     res = adaptive(summaries_from(theta_hat, V), n_boot=20, seed=3)
     expected = {"C", "C_rule", "lam", "fused", "objective", "n_boot", "kkt_residual"}
     assert expected <= set(res.info)
-    assert res.info["C"] == pytest.approx(np.sqrt(1 + np.log(8) / 2))
+    # The default C is SURE's choice, a point of its grid at the grid's minimum risk.
+    assert res.info["C_rule"].startswith("sure")
+    assert res.info["C"] == res.info["sure_grid"][int(np.argmin(res.info["sure_risk"]))]
+    theory = adaptive(summaries_from(theta_hat, V), C="theory", n_boot=0)
+    assert theory.info["C"] == pytest.approx(np.sqrt(1 + np.log(8) / 2))
     assert res.info["kkt_residual"] <= 1e-8
     assert res.theta.estimate.shape == (8, 2) and res.beta.estimate.shape == (2,)
     assert np.all(res.theta.lower < res.theta.upper)
     again = adaptive(summaries_from(theta_hat, V), n_boot=20, seed=3)
     np.testing.assert_array_equal(again.theta.std_error, res.theta.std_error)
 
-    sure = adaptive(summaries_from(theta_hat, V), C="sure", n_boot=0)
-    assert sure.info["C"] in sure.info["sure_grid"]
-    assert np.all(np.isnan(sure.theta.std_error))
+    assert np.all(np.isnan(theory.theta.std_error))
     with pytest.raises(ValueError, match="C must"):
         adaptive(summaries_from(theta_hat, V), C=0.0)
     with pytest.raises(ValueError, match="C must"):
@@ -233,6 +255,7 @@ def test_one_task_returns_its_own_estimate(rng):
     np.testing.assert_allclose(res.theta.estimate, theta_hat, rtol=1e-14)
     np.testing.assert_allclose(res.beta.estimate, theta_hat[0], rtol=1e-14)
     assert res.info["fused"] == [True]
+    assert "one task" in res.info["C_rule"]
 
 
 def test_two_tasks_work_with_a_warning(rng):

@@ -214,8 +214,9 @@ def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -
     g.add_argument(
         "--C",
         dest="C",
-        default="theory",
-        help="adaptive aggregation constant: 'theory' (default), 'sure' or a number",
+        default="sure",
+        help="adaptive aggregation constant: 'sure' (default: minimum of Stein's unbiased "
+        "risk estimate), 'theory' (sqrt(1 + log(K) / p)) or a number",
     )
     names = ["--bayes-model", "--model"] if model_alias else ["--bayes-model"]
     g.add_argument(

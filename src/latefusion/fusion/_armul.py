@@ -159,42 +159,78 @@ class _State:
     u: np.ndarray  # (B, K, p); Q' W r
 
 
-def _secular(u: np.ndarray, w: np.ndarray, lam: np.ndarray, max_iter: int = 100) -> np.ndarray:
+#: Below this many rows the secular iteration updates every row until all have converged:
+#: indexing out the converged ones costs more than it saves.
+_SMALL = 512
+
+
+def _secular(
+    u: np.ndarray,
+    w: np.ndarray,
+    lam: np.ndarray,
+    t0: np.ndarray | None = None,
+    max_iter: int = 100,
+) -> np.ndarray:
     """Root ``t > 0`` of ``||u / (w t + 1)|| = lam`` for rows with ``||u|| > lam``.
 
     Parameters
     ----------
     u, w : ndarray of shape (m, p)
     lam : ndarray of shape (m,)
+    t0 : ndarray of shape (m,), optional
+        Starting values (the roots at a nearby centre). Newton's method on the concave,
+        increasing ``1 / ||u / (w t + 1)|| - 1 / lam`` steps from a start above the root to a
+        point below it, and from there increases monotonically to the root, so any start in
+        the bracket converges.
 
     Returns
     -------
     t : ndarray of shape (m,)
     """
-    ratio = np.linalg.norm(u, axis=1) / lam - 1.0
+    u2 = u * u
+    ratio = np.sqrt(np.sum(u2, axis=1)) / lam - 1.0
     lo = ratio / w.max(axis=1)
     hi = ratio / w.min(axis=1)
-    t = lo.copy()
+    t = lo.copy() if t0 is None else np.minimum(np.maximum(t0, lo), hi)
+    small = t.size <= _SMALL
     act = np.arange(t.size)
     for _ in range(max_iter):
-        ua, wa, la, ta = u[act], w[act], lam[act], t[act]
-        den = wa * ta[:, None] + 1.0
-        u2 = ua * ua
-        N = np.sum(u2 / den**2, axis=1)
+        if small:
+            u2a, wa, la, ta, loa, hia = u2, w, lam, t, lo, hi
+        else:
+            u2a, wa, la, ta, loa, hia = u2[act], w[act], lam[act], t[act], lo[act], hi[act]
+        inv = 1.0 / (wa * ta[:, None] + 1.0)
+        a = u2a * inv * inv
+        N = np.sum(a, axis=1)
         psi = la / np.sqrt(N) - 1.0
-        dpsi = la * N**-1.5 * np.sum(u2 * wa / den**3, axis=1)
-        t_new = np.clip(ta - psi / dpsi, lo[act], hi[act])
+        dpsi = la * N**-1.5 * np.sum(a * wa * inv, axis=1)
+        t_new = np.minimum(np.maximum(ta - psi / dpsi, loa), hia)
+        # Quadratic convergence: once a Newton step is below 1e-9 of t, the error left after it
+        # is of order its square, below rounding; stop that row (or at rounding level of psi).
+        moving = (np.abs(t_new - ta) > 1e-9 * t_new) & (np.abs(psi) > 8 * _EPS)
+        if small:
+            t = t_new
+            if not moving.any():
+                break
+            continue
         t[act] = t_new
-        # Quadratic convergence: stop a row once its step or psi is at rounding level.
-        moving = (np.abs(t_new - ta) > 16 * _EPS * t_new) & (np.abs(psi) > 8 * _EPS)
         act = act[moving]
         if act.size == 0:
             break
     return t
 
 
-def _evaluate(beta: np.ndarray, theta_hat: np.ndarray, prob: Problem, hessian: bool) -> _State:
-    """Profile objective, gradient and (optionally) Hessian at centres ``beta`` (B, p)."""
+def _evaluate(
+    beta: np.ndarray,
+    theta_hat: np.ndarray,
+    prob: Problem,
+    hessian: bool,
+    t0: np.ndarray | None = None,
+) -> _State:
+    """Profile objective, gradient and (optionally) Hessian at centres ``beta`` (B, p).
+
+    ``t0`` (B, K), the inner roots at a nearby centre, warm-starts the secular equations.
+    """
     w, Q, lam = prob.w, prob.Q, prob.lam
     r = theta_hat - beta[:, None, :]
     rq = np.einsum("kji,bkj->bki", Q, r)
@@ -206,7 +242,7 @@ def _evaluate(beta: np.ndarray, theta_hat: np.ndarray, prob: Problem, hessian: b
     t = np.zeros(nu.shape)
     if np.any(free):
         k_idx = np.nonzero(free)[1]
-        t[free] = _secular(u[free], w[k_idx], lam[k_idx])
+        t[free] = _secular(u[free], w[k_idx], lam[k_idx], None if t0 is None else t0[free])
 
     den = w * t[..., None] + 1.0
     # Fused: 1/2 r'Wr. Free: 1/2 (d - r)'W(d - r) + lam ||d||, with d - r = -r / (w t + 1).
@@ -336,7 +372,7 @@ def solve(
         n_iter += 1
         A = state.H[act] + mu[act, None, None] * prob.M
         step = -np.linalg.solve(A, state.g[act][..., None])[..., 0]
-        new = _evaluate(beta[act] + step, Y[act], prob, hessian=True)
+        new = _evaluate(beta[act] + step, Y[act], prob, hessian=True, t0=state.t[act])
         slope = np.sum(state.g[act] * step, axis=1)
         armijo = new.F <= state.F[act] + 1e-4 * slope
         # Below rounding level of F, judge the step by the gradient instead.
@@ -463,9 +499,23 @@ def divergence(theta_hat: np.ndarray, sol: Solution, prob: Problem) -> np.ndarra
     # Back to the original basis: X = Q X_q Q'.
     Dk = Q @ Dq @ Q.transpose(0, 2, 1)
     Hk = Q @ Hq @ Q.transpose(0, 2, 1)
-    A = np.linalg.solve(H, Hk)  # H^{-1} H_k, (K, p, p)
+    A = np.einsum("ij,kjl->kil", _pinv_psd(H, prob.M), Hk)  # H^+ H_k, (K, p, p)
     eye = np.eye(w.shape[1])
     return np.trace(Dk, axis1=1, axis2=2) + np.einsum("kij,kji->k", eye - Dk, A)
+
+
+def _pinv_psd(H: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """Pseudo-inverse of the profile Hessian ``H = sum_k H_k`` (p, p).
+
+    ``H`` is singular when no task is fused along some direction (with p = 1 and equal
+    variances: every task free, the centre then not unique). Every ``H_k`` is positive
+    semidefinite, so the null space of ``H`` is common to all of them and ``H^+ H_k`` is the
+    derivative of the centre that the solver returns along the directions where it is unique;
+    along the others no task's estimate depends on the centre.
+    """
+    h, U = np.linalg.eigh(0.5 * (H + H.T))
+    keep = h > 1e-12 * np.linalg.norm(M, 2)
+    return (U[:, keep] / h[keep]) @ U[:, keep].T
 
 
 def sure(theta_hat: np.ndarray, sol: Solution, prob: Problem) -> float:

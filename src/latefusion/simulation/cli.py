@@ -45,7 +45,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         nargs="+",
         default=list(DEFAULT_METHODS),
         metavar="NAME",
-        help="itl fixed_effect random_effects random_effects_reml adaptive adaptive_sure "
+        help="itl fixed_effect random_effects random_effects_reml adaptive (C by SURE) "
+        "adaptive_theory (theory C) "
         "bayes_<catalogue model>, or 'all' (default: " + " ".join(DEFAULT_METHODS) + ")",
     )
     p.add_argument(

@@ -2,7 +2,8 @@
 
 Every method takes a :class:`~latefusion.summaries.SummarySet` and returns per-task estimates
 with 95% intervals. Names: ``itl``, ``fixed_effect``, ``random_effects`` (DerSimonian-Laird),
-``random_effects_reml``, ``adaptive`` (theory C), ``adaptive_sure`` (C by SURE) and
+``random_effects_reml``, ``adaptive`` (C by SURE, the library's default; ``adaptive_sure`` is
+the same), ``adaptive_theory`` (the theory C) and
 ``bayes_<model>`` for every model of the Bayesian catalogue (``bayes_horseshoe``, ...).
 """
 
@@ -26,6 +27,7 @@ FREQUENTIST_METHODS = (
     "random_effects_reml",
     "adaptive",
     "adaptive_sure",
+    "adaptive_theory",
 )
 
 
@@ -50,10 +52,11 @@ class MethodOutput:
 
 
 def available_methods() -> list[str]:
-    """Names of every method :func:`run_method` knows."""
+    """Names of every method :func:`run_method` knows (without the alias ``adaptive_sure``)."""
     from latefusion.bayes import list_models
 
-    return [*FREQUENTIST_METHODS, *(f"bayes_{m}" for m in list_models())]
+    frequentist = [m for m in FREQUENTIST_METHODS if m != "adaptive_sure"]
+    return [*frequentist, *(f"bayes_{m}" for m in list_models())]
 
 
 def run_method(
@@ -88,8 +91,8 @@ def run_method(
         res = fusion.random_effects(summaries, method="DL")
     elif name == "random_effects_reml":
         res = fusion.random_effects(summaries, method="REML")
-    elif name in ("adaptive", "adaptive_sure"):
-        C = "sure" if name == "adaptive_sure" else "theory"
+    elif name in ("adaptive", "adaptive_sure", "adaptive_theory"):
+        C = "theory" if name == "adaptive_theory" else "sure"
         res = fusion.adaptive(summaries, C=C, n_boot=n_boot, seed=seed)
         info = {"C": res.info["C"], "n_fused": int(np.sum(res.info["fused"]))}
     elif name.startswith("bayes_"):

@@ -93,7 +93,7 @@ DEFAULT_METHODS = (
     "fixed_effect",
     "random_effects",
     "adaptive",
-    "adaptive_sure",
+    "adaptive_theory",
     "bayes_horseshoe",
 )
 
