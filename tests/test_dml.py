@@ -209,6 +209,31 @@ def test_missing_values_name_column_and_tasks_or_are_dropped_and_counted(rng):
     assert ss["task02"].n == 116
 
 
+def test_infinite_or_overflowing_values_name_column_and_task(rng):
+    df, xcols = _small_frame(rng)
+    df.loc[df.index[df["task"] == "task01"][:2], "x1"] = np.inf
+    with pytest.raises(
+        ValueError, match=r"column 'x1' has infinite values in task\(s\) \['task01'\]"
+    ):
+        estimate_tasks(df, "task", "A", "Y", xcols)
+    # Finite but beyond 1e100: sklearn would square it to inf and report "contains NaN".
+    df, xcols = _small_frame(rng)
+    df.loc[df["task"] == "task02", "x2"] *= 1e200
+    with pytest.raises(
+        ValueError, match=r"column 'x2' has values of magnitude .*'task02'.*rescale"
+    ):
+        estimate_tasks(df, "task", "A", "Y", xcols)
+
+
+@pytest.mark.parametrize("role", ["A", "Y", "task"])
+def test_treatment_outcome_or_task_as_covariate_is_an_error(rng, role):
+    df, xcols = _small_frame(rng)
+    with pytest.raises(ValueError, match=rf"column '{role}' is the .* cannot also be a covariate"):
+        estimate_tasks(df, "task", "A", "Y", [*xcols, role])
+    with pytest.raises(ValueError, match=rf"column '{role}' is the"):
+        estimate_tasks(df, "task", "A", "Y", xcols, modifiers=[role])
+
+
 def test_unknown_column_lists_the_columns_found(rng):
     df, xcols = _small_frame(rng)
     with pytest.raises(ValueError, match=r"\['nope'\] not found; the data has columns \['task'"):

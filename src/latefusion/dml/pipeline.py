@@ -247,6 +247,10 @@ def warn_excluded(summaries: Sequence[TaskSummary], stacklevel: int = 2) -> None
         )
 
 
+#: Largest magnitude accepted in a numeric column (squares and sums of squares must stay finite).
+_HUGE = 1e100
+
+
 def prepare_data(
     data: pd.DataFrame,
     task_col: str,
@@ -281,6 +285,12 @@ def prepare_data(
         raise ValueError(
             f"column(s) {missing} not found; the data has columns {list(data.columns)}"
         )
+    roles = {task_col: "the task", treatment: "the treatment", outcome: "the outcome"}
+    for col in dict.fromkeys([*covariates, *modifiers]):
+        if col in roles:
+            raise ValueError(
+                f"column {col!r} is {roles[col]} and cannot also be a covariate or modifier"
+            )
     if not covariates and not modifiers:
         log.info("no covariates given: nuisance functions are constants within each task")
     df = data[list(dict.fromkeys(used))].copy()
@@ -300,6 +310,14 @@ def prepare_data(
     for col in inf.columns[inf.any().to_numpy()]:
         tasks = sorted(map(str, df.loc[inf[col], task_col].unique()))
         raise ValueError(f"column {col!r} has infinite values in task(s) {_few(tasks)}")
+    # Finite but so large that learners' sums of squares overflow to inf and then NaN.
+    huge = numeric.abs() > _HUGE
+    for col in huge.columns[huge.any().to_numpy()]:
+        tasks = sorted(map(str, df.loc[huge[col], task_col].unique()))
+        raise ValueError(
+            f"column {col!r} has values of magnitude {numeric[col].abs().max():.3g} in task(s) "
+            f"{_few(tasks)}; values beyond {_HUGE:.0e} overflow in the learners: rescale it"
+        )
     if bad.any().any():
         if not dropna:
             col = bad.columns[bad.any().to_numpy()][0]
