@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from scipy import optimize
@@ -265,14 +263,11 @@ def test_two_tasks_work_with_a_warning(rng):
     assert res.info["kkt_residual"] <= 1e-8
 
 
-def test_ten_thousand_tasks_solve_fast(rng):
+def test_ten_thousand_tasks_solve_exactly(rng):
+    # The time it takes is measured in benchmarks/bench_fusion.py (target: under 2 s), not here.
     _, theta_hat, V = random_problem(rng, K=10_000, p=5, spread=1.0, outliers=0.05)
-    start = time.perf_counter()
     lam, sol = _solve(theta_hat, V, _armul.theory_C(10_000, 5))
-    elapsed = time.perf_counter() - start
     assert sol.converged and 0 < sol.fused.sum() < 10_000
-    # Measured about 0.2 s on one core; 2 s is the contract.
-    assert elapsed < 2.0
     assert check_optimality(theta_hat, V, lam, sol.beta, sol.theta) <= 1e-8
 
 
