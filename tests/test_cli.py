@@ -140,7 +140,7 @@ def test_demo_runs_on_star_without_bayes(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--no-bayes", "--jobs", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "Tasks: 79 (78 fused, 1 excluded)" in printed
+    assert "Tasks: 79 (78 used in fusion, 1 excluded)" in printed
     est = pd.read_csv(out / "estimates.csv", keep_default_na=False)
     fe = est[(est["method"] == "fixed_effect") & (est["level"] == "pooled")]["estimate"].item()
     # DATA.md: the pooled small-class effect on reading + math is about 12 to 14 points; a
@@ -292,7 +292,7 @@ def test_task_labels_stay_text_so_look_alike_numbers_are_not_merged(tmp_path, ca
         ]
     )
     assert code == 0
-    assert "Tasks: 3 (3 fused, 0 excluded)" in capsys.readouterr().out
+    assert "Tasks: 3 (3 used in fusion, 0 excluded)" in capsys.readouterr().out
 
 
 def test_output_problems_are_errors_not_tracebacks_and_stale_files_go(csv, tmp_path, capsys):

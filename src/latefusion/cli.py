@@ -227,9 +227,13 @@ def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -
         help="Bayesian model: a catalogue name or a .toml spec file",
     )
     g.add_argument("--no-bayes", action="store_true", help="skip the Bayesian model")
-    g.add_argument("--draws", type=_positive_int, default=1000, help="posterior draws per chain")
-    g.add_argument("--tune", type=_positive_int, default=1000, help="tuning steps per chain")
-    g.add_argument("--chains", type=_positive_int, default=4, help="MCMC chains")
+    g.add_argument(
+        "--draws", type=_positive_int, default=1000, help="posterior draws per chain (default 1000)"
+    )
+    g.add_argument(
+        "--tune", type=_positive_int, default=1000, help="tuning steps per chain (default 1000)"
+    )
+    g.add_argument("--chains", type=_positive_int, default=4, help="MCMC chains (default 4)")
 
 
 # Commands -------------------------------------------------------------------------------------
@@ -380,7 +384,7 @@ def _print_summary(run: Any, out: Path, paths: dict[str, Path], seconds: float) 
     s = run.summaries
     n_ok = len(s.usable())
     print()
-    print(f"Tasks: {len(s)} ({n_ok} fused, {len(s) - n_ok} excluded)")
+    print(f"Tasks: {len(s)} ({n_ok} used in fusion, {len(s) - n_ok} excluded)")
     for ex in s.excluded():
         print(f"  excluded {ex.task}: {ex.reason}")
     print()

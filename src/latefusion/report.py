@@ -63,6 +63,8 @@ def status_table(summaries: SummarySet) -> pd.DataFrame:
                 row[key] = ", ".join(map(str, value)) if isinstance(value, list) else value
         rows.append(row)
     table = pd.DataFrame(rows)
+    if "rows_dropped" in table:  # recorded only where rows were dropped
+        table["rows_dropped"] = table["rows_dropped"].fillna(0).astype(int)
     cols = ["task", "status", "reason", "n", *[c for c in STATUS_DIAGNOSTICS if c in table]]
     return table[cols]
 

@@ -136,7 +136,10 @@ def adaptive(
     else:
         C_value = float(C)
         if not np.isfinite(C_value) or C_value <= 0:
-            raise ValueError(f"C must be positive and finite, got {C}; C = 0 is itl()")
+            raise ValueError(
+                f"C must be positive and finite, got {C} (C near 0 leaves every task alone: "
+                "that is the itl method)"
+            )
         info["C_rule"] = "user"
     lam = _armul.task_lambda(V, C_value)
     prob = _armul.Problem.build(V, lam)
