@@ -10,6 +10,7 @@ import pytest
 
 from latefusion import summaries as summaries_mod
 from latefusion.summaries import SummarySet, TaskSummary
+from latefusion.warnings import LateFusionWarning
 
 
 def _set(rng, K=4, p=2):
@@ -162,6 +163,16 @@ def test_combine_sites_checks_duplicates_and_coefficients(rng):
     c = SummarySet([TaskSummary("z", "att", ("effect",), [2.0], [[1.0]], 10)])
     with pytest.raises(ValueError, match="c.json estimates att"):
         SummarySet.combine([a, c], ["a.json", "c.json"])
+
+
+def test_combine_warns_when_sites_summarise_other_columns():
+    def site(task, treatment, outcome):
+        meta = {"columns": {"treatment": treatment, "outcome": outcome}}
+        return SummarySet([TaskSummary(task, "ate", ("effect",), [1.0], [[1.0]], 10)], meta=meta)
+
+    SummarySet.combine([site("x", "A", "Y"), site("y", "A", "Y")], ["a.json", "b.json"])
+    with pytest.warns(LateFusionWarning, match="b.json summarises outcome column 'bmi' but a.json"):
+        SummarySet.combine([site("x", "A", "Y"), site("y", "A", "bmi")], ["a.json", "b.json"])
 
 
 def test_missing_file_is_file_not_found(tmp_path):

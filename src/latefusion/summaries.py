@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,8 +380,36 @@ class SummarySet:
                         f"but {ref[1]} estimates {ref[0].estimand} with "
                         f"{list(ref[0].coef_names)}"
                     )
+        _warn_other_columns(sets, sources)
         meta = {"sites": {src: ss.meta for ss, src in zip(sets, sources, strict=True)}}
         return cls([s for ss in sets for s in ss], meta=meta)
+
+
+def _warn_other_columns(sets: list[SummarySet], sources: list[str]) -> None:
+    """Warn when sites' summaries record different treatment or outcome columns.
+
+    Sites may name their columns differently, so this is a warning, not an error: it is the
+    one sign, in summaries alone, that two files may not estimate the same effect.
+    """
+    from latefusion.warnings import LateFusionWarning
+
+    seen: dict[str, tuple[str, str]] = {}
+    for ss, src in zip(sets, sources, strict=True):
+        columns = ss.meta.get("columns") if isinstance(ss.meta, Mapping) else None
+        if not isinstance(columns, Mapping):
+            continue
+        for role in ("treatment", "outcome"):
+            name = columns.get(role)
+            if not isinstance(name, str):
+                continue
+            if role in seen and seen[role][0] != name:
+                warnings.warn(
+                    f"{src} summarises {role} column {name!r} but {seen[role][1]} summarises "
+                    f"{seen[role][0]!r}: check that the sites estimate the same effect",
+                    LateFusionWarning,
+                    stacklevel=3,
+                )
+            seen.setdefault(role, (name, src))
 
 
 def read_summary_files(
