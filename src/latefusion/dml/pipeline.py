@@ -239,7 +239,7 @@ def warn_excluded(summaries: Sequence[TaskSummary], stacklevel: int = 2) -> None
     excluded = [s for s in summaries if not s.ok]
     if excluded:
         warnings.warn(
-            f"{len(excluded)} of {len(summaries)} tasks have no usable estimate: "
+            f"{len(excluded)} of {len(summaries)} tasks excluded, no usable estimate: "
             + "; ".join(f"{s.task}: {s.reason}" for s in excluded[:5])
             + (" ..." if len(excluded) > 5 else ""),
             TaskExcludedWarning,
