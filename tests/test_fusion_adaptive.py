@@ -7,6 +7,7 @@ import pytest
 from scipy import optimize
 
 from latefusion.fusion import _armul, adaptive, check_optimality, fixed_effect, sure_path
+from latefusion.fusion.adaptive import _sure_se, _sure_terms_path
 from latefusion.warnings import FewTasksWarning
 from test_fusion_data import random_problem, summaries_from
 
@@ -211,14 +212,42 @@ def test_sure_choice_helps_when_tasks_are_similar_and_when_they_are_not(rng):
             assert C < 0.5 * theory
 
 
+def test_sure_terms_and_their_standard_error(rng):
+    _, theta_hat, V = random_problem(rng, K=12, p=2, spread=1.0)
+    grid = np.array([0.3, 0.8, 1.5])
+    _, risk = sure_path(theta_hat, V, grid)
+    _, terms = _sure_terms_path(theta_hat, V, grid)
+    np.testing.assert_allclose(terms.sum(axis=1), risk, rtol=1e-12)
+    # One task's term, from its definition: fit to its own estimate, minus p, plus twice the
+    # divergence (checked against finite differences in test_divergence_*).
+    prob = _armul.Problem.build(V, _armul.task_lambda(V, 0.8))
+    sol = _armul.solve(theta_hat, problem=prob)
+    e = sol.theta[3] - theta_hat[3]
+    div = _armul.divergence(theta_hat, sol, prob)[3]
+    assert terms[1, 3] == pytest.approx(e @ np.linalg.solve(V[3], e) - 2 + 2 * div, rel=1e-10)
+    # The standard error of SURE(C) - SURE(C_min): sqrt(K) times the sd of the task terms'
+    # differences, zero at the minimiser itself.
+    se = _sure_se(terms, 1)
+    assert se[1] == 0.0
+    assert se[0] == pytest.approx(np.sqrt(12) * np.std(terms[0] - terms[1], ddof=1))
+
+
 def test_adaptive_result_carries_its_settings(rng):
     _, theta_hat, V = random_problem(rng, K=8, p=2, outliers=0.25)
     res = adaptive(summaries_from(theta_hat, V), n_boot=20, seed=3)
     expected = {"C", "C_rule", "lam", "fused", "objective", "n_boot", "kkt_residual"}
     assert expected <= set(res.info)
-    # The default C is SURE's choice, a point of its grid at the grid's minimum risk.
-    assert res.info["C_rule"].startswith("sure")
-    assert res.info["C"] == res.info["sure_grid"][int(np.argmin(res.info["sure_risk"]))]
+    # The default C: the smallest grid point whose SURE is within one standard error of the
+    # minimum, so at most SURE's minimiser; C="sure" takes the minimiser itself.
+    grid, risk, se = (np.array(res.info[k]) for k in ("sure_grid", "sure_risk", "sure_se"))
+    i_min = int(np.argmin(risk))
+    assert res.info["C_rule"].startswith("sure_1se")
+    assert res.info["C_sure_min"] == grid[i_min]
+    i = grid.tolist().index(res.info["C"])
+    assert i <= i_min and risk[i] <= risk[i_min] + se[i]
+    assert np.all(risk[:i] > risk[i_min] + se[:i])
+    minimum = adaptive(summaries_from(theta_hat, V), C="sure", n_boot=0)
+    assert minimum.info["C"] == grid[i_min] and minimum.info["C_rule"].startswith("sure:")
     theory = adaptive(summaries_from(theta_hat, V), C="theory", n_boot=0)
     assert theory.info["C"] == pytest.approx(np.sqrt(1 + np.log(8) / 2))
     assert res.info["kkt_residual"] <= 1e-8

@@ -214,9 +214,10 @@ def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -
     g.add_argument(
         "--C",
         dest="C",
-        default="sure",
-        help="adaptive aggregation constant: 'sure' (default: minimum of Stein's unbiased "
-        "risk estimate), 'theory' (sqrt(1 + log(K) / p)) or a number",
+        default="sure_1se",
+        help="adaptive aggregation constant: 'sure_1se' (default: the smallest C whose Stein "
+        "unbiased risk estimate is within one standard error of its minimum), 'sure' (the "
+        "minimum), 'theory' (sqrt(1 + log(K) / p)) or a number",
     )
     names = ["--bayes-model", "--model"] if model_alias else ["--bayes-model"]
     g.add_argument(

@@ -52,7 +52,7 @@ _CANONICAL = ("itl", "fixed_effect", "random_effects_dl", "random_effects_reml",
 
 def compare(
     *sources: Any,
-    C: float | str = "sure",
+    C: float | str = "sure_1se",
     n_boot: int = 200,
     seed: int = 0,
     wide: bool = False,
@@ -67,7 +67,7 @@ def compare(
         Bayesian models are never fitted here: fit them with
         :func:`latefusion.bayes.fit_bayes` and pass the fits. A mapping renames its results
         (``{"horseshoe_tau0_0.1": fit}``), which lets two fits of one model stand side by side.
-    C : float or str, default="sure"
+    C : float or str, default="sure_1se"
         Constant of the adaptive aggregator, for a SummarySet source.
     n_boot : int, default=200
         Bootstrap draws of the adaptive aggregator, for a SummarySet source.

@@ -219,7 +219,7 @@ class FusionRun:
 
 def fuse_summaries(
     summaries: SummarySet,
-    C: float | str = "sure",
+    C: float | str = "sure_1se",
     bayes_model: Any = "horseshoe",
     bayes: bool = True,
     bayes_options: Mapping[str, Any] | None = None,
@@ -233,7 +233,7 @@ def fuse_summaries(
     ----------
     summaries : SummarySet
         Excluded tasks are carried along (and reported) but not fused.
-    C : float or str, default="sure"
+    C : float or str, default="sure_1se"
         Constant of the adaptive aggregator (see :func:`latefusion.fusion.adaptive`).
     bayes_model : str, path or ModelSpec, default="horseshoe"
         A catalogue name or a spec file.

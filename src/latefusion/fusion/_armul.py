@@ -44,6 +44,7 @@ __all__ = [
     "objective",
     "solve",
     "sure",
+    "sure_terms",
     "task_lambda",
     "theory_C",
 ]
@@ -530,8 +531,14 @@ def sure(theta_hat: np.ndarray, sol: Solution, prob: Problem) -> float:
     cancels the noise covariance in Stein's identity). The estimator is Lipschitz in
     ``theta_hat``, so Stein's identity applies.
     """
+    return float(np.sum(sure_terms(theta_hat, sol, prob)))
+
+
+def sure_terms(theta_hat: np.ndarray, sol: Solution, prob: Problem) -> np.ndarray:
+    """Task k's term of :func:`sure`, shape (K,): ``||theta_est_k - theta_hat_k||^2_{W_k} - p
+    + 2 tr(J_kk)``, an unbiased estimate of task k's own risk (noisy: one draw per task)."""
     theta_hat = np.asarray(theta_hat, dtype=float)
-    K, p = theta_hat.shape
+    p = theta_hat.shape[1]
     res = np.einsum("kji,kj->ki", prob.Q, sol.theta - theta_hat)
-    fit = float(np.sum(prob.w * res**2))
-    return fit - K * p + 2.0 * float(np.sum(divergence(theta_hat, sol, prob)))
+    fit = np.sum(prob.w * res**2, axis=1)
+    return fit - p + 2.0 * divergence(theta_hat, sol, prob)

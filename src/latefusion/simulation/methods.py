@@ -2,8 +2,8 @@
 
 Every method takes a :class:`~latefusion.summaries.SummarySet` and returns per-task estimates
 with 95% intervals. Names: ``itl``, ``fixed_effect``, ``random_effects`` (DerSimonian-Laird),
-``random_effects_reml``, ``adaptive`` (C by SURE, the library's default; ``adaptive_sure`` is
-the same), ``adaptive_theory`` (the theory C) and
+``random_effects_reml``, ``adaptive`` (the library's default C, ``"sure_1se"``),
+``adaptive_sure`` (C minimising SURE), ``adaptive_theory`` (the theory C) and
 ``bayes_<model>`` for every model of the Bayesian catalogue (``bayes_horseshoe``, ...).
 """
 
@@ -52,11 +52,10 @@ class MethodOutput:
 
 
 def available_methods() -> list[str]:
-    """Names of every method :func:`run_method` knows (without the alias ``adaptive_sure``)."""
+    """Names of every method :func:`run_method` knows."""
     from latefusion.bayes import list_models
 
-    frequentist = [m for m in FREQUENTIST_METHODS if m != "adaptive_sure"]
-    return [*frequentist, *(f"bayes_{m}" for m in list_models())]
+    return [*FREQUENTIST_METHODS, *(f"bayes_{m}" for m in list_models())]
 
 
 def run_method(
@@ -92,7 +91,7 @@ def run_method(
     elif name == "random_effects_reml":
         res = fusion.random_effects(summaries, method="REML")
     elif name in ("adaptive", "adaptive_sure", "adaptive_theory"):
-        C = "theory" if name == "adaptive_theory" else "sure"
+        C = {"adaptive": "sure_1se", "adaptive_sure": "sure", "adaptive_theory": "theory"}[name]
         res = fusion.adaptive(summaries, C=C, n_boot=n_boot, seed=seed)
         info = {"C": res.info["C"], "n_fused": int(np.sum(res.info["fused"]))}
     elif name.startswith("bayes_"):
