@@ -89,6 +89,8 @@ class Problem:
         Penalties.
     M : ndarray of shape (p, p)
         ``sum_k W_k``, the Hessian of full pooling.
+    M_norm : float
+        Spectral norm of ``M``.
     outer : ndarray of shape (K * p, p * p)
         Flattened ``q q'`` of every eigenvector ``q``, to sum Hessians with one product.
     """
@@ -97,6 +99,7 @@ class Problem:
     Q: np.ndarray
     lam: np.ndarray
     M: np.ndarray
+    M_norm: float
     outer: np.ndarray
 
     @classmethod
@@ -116,7 +119,8 @@ class Problem:
         K, p = w.shape
         M = np.einsum("kij,kj,klj->il", Q, w, Q)
         outer = np.einsum("kij,klj->kjil", Q, Q).reshape(K * p, p * p)
-        return cls(w=w, Q=Q, lam=lam, M=M, outer=outer)
+        M_norm = float(np.linalg.eigvalsh(M)[-1])
+        return cls(w=w, Q=Q, lam=lam, M=M, M_norm=M_norm, outer=outer)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -189,7 +193,7 @@ def _secular(
     t : ndarray of shape (m,)
     """
     u2 = u * u
-    ratio = np.sqrt(np.sum(u2, axis=1)) / lam - 1.0
+    ratio = np.sqrt(u2.sum(axis=1)) / lam - 1.0
     lo = ratio / w.max(axis=1)
     hi = ratio / w.min(axis=1)
     t = lo.copy() if t0 is None else np.minimum(np.maximum(t0, lo), hi)
@@ -202,9 +206,9 @@ def _secular(
             u2a, wa, la, ta, loa, hia = u2[act], w[act], lam[act], t[act], lo[act], hi[act]
         inv = 1.0 / (wa * ta[:, None] + 1.0)
         a = u2a * inv * inv
-        N = np.sum(a, axis=1)
+        N = a.sum(axis=1)
         psi = la / np.sqrt(N) - 1.0
-        dpsi = la * N**-1.5 * np.sum(a * wa * inv, axis=1)
+        dpsi = (psi + 1.0) / N * (a * wa * inv).sum(axis=1)
         t_new = np.minimum(np.maximum(ta - psi / dpsi, loa), hia)
         # Quadratic convergence: once a Newton step is below 1e-9 of t, the error left after it
         # is of order its square, below rounding; stop that row (or at rounding level of psi).
@@ -236,7 +240,7 @@ def _evaluate(
     r = theta_hat - beta[:, None, :]
     rq = np.einsum("kji,bkj->bki", Q, r)
     u = w * rq
-    nu = np.linalg.norm(u, axis=2)
+    nu = np.sqrt((u * u).sum(axis=2))
     free = nu > lam
 
     # Inner step: t = ||d|| / lam for the tasks that are not fused.
@@ -247,9 +251,11 @@ def _evaluate(
 
     den = w * t[..., None] + 1.0
     # Fused: 1/2 r'Wr. Free: 1/2 (d - r)'W(d - r) + lam ||d||, with d - r = -r / (w t + 1).
-    F = 0.5 * np.sum(w * (rq / den) ** 2, axis=(1, 2)) + np.sum(lam**2 * t, axis=1)
-    g = -np.einsum("kij,bkj->bi", Q, u / den)
-    force = np.sum(np.linalg.norm(u / den, axis=2), axis=1)
+    rd = rq / den
+    ud = w * rd
+    F = 0.5 * (ud * rd).sum(axis=(1, 2)) + (lam**2 * t).sum(axis=1)
+    g = -np.einsum("kij,bkj->bi", Q, ud)
+    force = np.sqrt((ud * ud).sum(axis=2)).sum(axis=1)
     if not hessian:
         return _State(F=F, g=g, force=force, H=None, t=t, u=u)
 
@@ -361,10 +367,10 @@ def solve(
     done = np.zeros(B, dtype=bool)
     # The gradient sums K forces of norm at most lam_k; it is zero when they cancel to gtol
     # of their total, or to the rounding floor set by storing beta and theta_hat to eps.
-    floor = 16 * _EPS * np.linalg.norm(prob.M, 2) * np.abs(Y).max()
+    floor = 16 * _EPS * prob.M_norm * np.abs(Y).max()
     n_iter = 0
     while n_iter < max_iter:
-        gnorm = np.linalg.norm(state.g, axis=1)
+        gnorm = np.sqrt((state.g * state.g).sum(axis=1))
         done |= gnorm <= gtol * state.force + floor
         done |= mu > 1e15  # no step along any direction decreases F: rounding level
         act = np.flatnonzero(~done)
