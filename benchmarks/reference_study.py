@@ -25,6 +25,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
@@ -81,12 +82,31 @@ def main(argv: list[str] | None = None) -> int:
     res = run_study(DESIGN, ETAS, args.reps, args.out, SETTINGS, n_jobs=args.jobs, progress=True)
     minutes = (time.perf_counter() - started) / 60
     print(f"{res.n_run} repetitions run, {res.n_skipped} found finished; {minutes:.1f} min")
-    table = publish(res.summary, args.out, args.reps)
+    timing = record_time(args.out, res.n_run, minutes, args.jobs)
+    table = publish(res.summary, args.out, args.reps, timing)
     print(table)
     return 0
 
 
-def publish(summary, run_dir: Path, reps: int) -> str:
+def record_time(run_dir: Path, n_run: int, minutes: float, jobs: int) -> str:
+    """Add this invocation's wall time to ``timing.json`` in the run directory (a resumed study
+    runs in several invocations); returns a sentence for the README."""
+    path = run_dir / "timing.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    if n_run:
+        runs.append({"repetitions": n_run, "minutes": round(minutes, 2), "jobs": jobs})
+        path.write_text(json.dumps(runs, indent=1))
+    if not runs:
+        return "Wall time: not recorded."
+    total = sum(r["minutes"] for r in runs)
+    parts = ", ".join(f"{r['repetitions']} in {r['minutes']:.1f} min" for r in runs)
+    return (
+        f"Wall time: {total:.1f} min for the repetitions-by-eta ({parts}; "
+        f"`--jobs {runs[-1]['jobs']}`, {os.cpu_count()} cores)."
+    )
+
+
+def publish(summary, run_dir: Path, reps: int, timing: str = "") -> str:
     """Copy the table and plot next to this script and write its README; returns the table."""
     here = Path(__file__).with_suffix("")
     here.mkdir(exist_ok=True)
@@ -97,7 +117,13 @@ def publish(summary, run_dir: Path, reps: int) -> str:
     table = summary.sort_values(["method", "eta"])[cols].to_markdown(index=False, floatfmt=".4g")
     checks = criteria(summary).to_markdown(index=False)
     text = README.format(
-        reps=reps, table=table, checks=checks, design=DESIGN, settings=SETTINGS, etas=ETAS
+        reps=reps,
+        table=table,
+        checks=checks,
+        design=DESIGN,
+        settings=SETTINGS,
+        etas=ETAS,
+        timing=timing,
     )
     (here / "README.md").write_text(text, encoding="utf-8")
     return table
@@ -167,11 +193,12 @@ Made by
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reference_study.py \\
         --out benchmarks/reference_study/run --reps {reps} --jobs 2
 
-(resumable: the same command continues an interrupted run). Columns: `avg_mse` and `max_mse`
-are the mean and maximum over tasks of each task's MSE over repetitions; `coverage` and
-`width` those of the 95% intervals (`min_task_coverage`: the worst task's); `seconds` per
-repetition, including the shared DML step; `*_ratio_itl` divide by ITL's value at the same
-eta; `divergences` summed over repetitions. Plot: `mse.png`.
+(resumable: the same command continues an interrupted run). {timing}
+
+Columns: `avg_mse` and `max_mse` are the mean and maximum over tasks of each task's MSE over
+repetitions; `coverage` and `width` those of the 95% intervals (`min_task_coverage`: the worst
+task's); `seconds` per repetition, including the shared DML step; `*_ratio_itl` divide by ITL's
+value at the same eta; `divergences` summed over repetitions. Plot: `mse.png`.
 
 ## Targets (issues 4 and 7)
 
