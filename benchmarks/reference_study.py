@@ -99,10 +99,11 @@ def record_time(run_dir: Path, n_run: int, minutes: float, jobs: int) -> str:
     if not runs:
         return "Wall time: not recorded."
     total = sum(r["minutes"] for r in runs)
-    parts = ", ".join(f"{r['repetitions']} in {r['minutes']:.1f} min" for r in runs)
+    n = sum(r["repetitions"] for r in runs)
+    parts = " + ".join(f"{r['minutes']:.1f}" for r in runs)
     return (
-        f"Wall time: {total:.1f} min for the repetitions-by-eta ({parts}; "
-        f"`--jobs {runs[-1]['jobs']}`, {os.cpu_count()} cores)."
+        f"Wall time: {total:.1f} min ({parts} over {len(runs)} invocation(s)) for {n} "
+        f"repetitions (all etas), `--jobs {runs[-1]['jobs']}` on {os.cpu_count()} cores."
     )
 
 
