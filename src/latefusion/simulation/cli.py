@@ -45,8 +45,9 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         nargs="+",
         default=list(DEFAULT_METHODS),
         metavar="NAME",
-        help="itl fixed_effect random_effects random_effects_reml adaptive (C by SURE) "
-        "adaptive_theory (theory C) "
+        help="itl fixed_effect random_effects random_effects_reml adaptive (the default C: "
+        "SURE's one-standard-error rule) adaptive_sure (C minimising SURE) adaptive_theory "
+        "(theory C) "
         "bayes_<catalogue model>, or 'all' (default: " + " ".join(DEFAULT_METHODS) + ")",
     )
     p.add_argument(
