@@ -202,7 +202,7 @@ def estimate_tasks_multitask(
     ordered = [summaries[str(t)] for t in tasks]
     ordered = [_with_dropped(s, dropped.get(t, 0)) for s, t in zip(ordered, tasks, strict=True)]
 
-    warn_excluded(ordered, stacklevel=3)
+    warn_excluded(ordered, stacklevel=2)
     meta = {
         "latefusion_version": __version__,
         "dml": settings.describe(),

@@ -119,7 +119,7 @@ def estimate_tasks(
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         summaries.append(summary)
 
-    warn_excluded(summaries, stacklevel=3)
+    warn_excluded(summaries, stacklevel=2)
     meta = {
         "latefusion_version": __version__,
         "dml": settings.describe(),
