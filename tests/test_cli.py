@@ -249,6 +249,20 @@ def test_fuse_reports_a_malformed_file_by_name(tmp_path, capsys, content):
     assert code == 2 and "evil.json" in err and "Traceback" not in err
 
 
+def test_fuse_csv_with_two_coefficients_needs_covariances_or_assume_independent(tmp_path, capsys):
+    rows = [(t, c, e, 0.2) for t in "abcd" for c, e in (("intercept", 1.0), ("age", 0.1))]
+    table = tmp_path / "two.csv"
+    pd.DataFrame(rows, columns=["task", "coef", "estimate", "std_error"]).to_csv(table, index=False)
+    out = tmp_path / "o"
+    assert main(["fuse", str(table), "--no-bayes", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "two.csv" in err and "--assume-independent" in err and not out.exists()
+    args = ["fuse", str(table), "--no-bayes", "--assume-independent", "--out", str(out)]
+    assert main(args) == 0
+    est = pd.read_csv(out / "estimates.csv", keep_default_na=False)
+    assert set(est["coef"]) == {"intercept", "age"}
+
+
 def test_fuse_one_task_returns_it_and_says_heterogeneity_is_not_estimable(tmp_path, capsys):
     from latefusion.summaries import SummarySet, TaskSummary
 

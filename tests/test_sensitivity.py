@@ -115,7 +115,12 @@ def test_shifts_are_against_the_reference(study) -> None:
     np.testing.assert_allclose(
         other.loc[~means, "shift"], (other["median"] - other["median_ref"])[~means], rtol=1e-12
     )
-    np.testing.assert_allclose(other["shift_sd"], other["shift"] / other["sd_ref"], rtol=1e-12)
+    np.testing.assert_allclose(other["shift_sd"], other["shift"] / other["scale_ref"], rtol=1e-12)
+    # The scale is the sd, but for theta_new (no finite sd under a horseshoe) a robust one.
+    np.testing.assert_array_equal(other.loc[means, "scale"], other.loc[means, "sd"])
+    assert np.all(
+        other.loc[~means, "scale"] < other.loc[~means, "upper"] - other.loc[~means, "lower"]
+    )
     # Different priors moved something (prior draws of two models differ).
     assert other["shift"].abs().max() > 0
 

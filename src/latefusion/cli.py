@@ -108,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
         help="project a covariance that is not positive definite instead of "
         "refusing it (recorded in the task's diagnostics)",
     )
+    fuse.add_argument(
+        "--assume-independent",
+        action="store_true",
+        help="CSV inputs with several coefficients per task and no cov_*/corr_* columns: "
+        "treat the coefficients as uncorrelated (otherwise an error)",
+    )
     fuse.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_fusion_options(fuse, model_alias=True)
     fuse.add_argument("--out", type=Path, required=True, help="output directory")
@@ -296,7 +302,9 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     from latefusion.summaries import read_summary_files
 
     started = time.perf_counter()
-    summaries = read_summary_files(args.inputs, project_psd=args.project_psd)
+    summaries = read_summary_files(
+        args.inputs, project_psd=args.project_psd, assume_independent=args.assume_independent
+    )
     return _fuse_and_write(summaries, args, started)
 
 

@@ -71,7 +71,7 @@ PSENSE_THRESHOLD = 0.05
 #: Columns of ``sensitivity.csv`` (a public interface: extend, never rename).
 SENSITIVITY_COLUMNS = [
     "model", "global_scale", "level", "task", "coef", "quantity",
-    "mean", "sd", "median", "lower", "upper", "shift", "shift_sd",
+    "mean", "sd", "median", "lower", "upper", "shift", "shift_sd", "scale",
 ]  # fmt: skip
 #: Columns of ``power_scaling.csv`` (a public interface: extend, never rename).
 POWER_SCALING_COLUMNS = [
@@ -116,8 +116,11 @@ class SensitivityResult:
         errors D), ``theta_new`` (level ``new_task``), ``theta`` and ``kappa`` (level
         ``task``). ``mean``, ``sd``, ``median`` and the equal-tailed interval ``lower``,
         ``upper`` summarise the draws. ``shift`` is the centre minus the reference fit's
-        centre (the centre is the mean, the median for theta_new, whose mean need not exist
-        under a horseshoe) and ``shift_sd`` that shift in units of the reference's sd.
+        centre and ``shift_sd`` that shift in units of the reference's ``scale``. The centre
+        is the mean and ``scale`` the sd, except for theta_new, whose mean and variance need
+        not exist under a horseshoe (its ``mean`` and ``sd`` are then sample moments of a
+        heavy tail, unstable from fit to fit): there the centre is the median and ``scale``
+        half the width of the central 68.3% interval.
     power_scaling : DataFrame
         Columns :data:`POWER_SCALING_COLUMNS`: for every fit, the power-scaling sensitivity
         of beta, tau and theta to the prior and to the likelihood (see :func:`power_scaling`);
@@ -196,7 +199,9 @@ class SensitivityResult:
             "## Centre, between-task scale and a new task",
             "",
             "95% equal-tailed intervals. `shift`: posterior mean minus the reference's (median "
-            "for theta_new); `shift_sd`: the same in reference posterior sds.",
+            "for theta_new); `shift_sd`: the same in reference posterior sds (for theta_new, "
+            "whose sd need not exist under a horseshoe, in half-widths of the reference's "
+            "central 68.3% interval).",
             "",
             glob[cols].to_markdown(index=False, floatfmt=".4g"),
             "",
@@ -713,13 +718,14 @@ def _reference(
 def _summarise(values: np.ndarray, interval: float) -> dict[str, float]:
     """mean, sd, median, lower, upper of draws along axis 0."""
     a = (1 - interval) / 2
-    q = np.quantile(values, [a, 0.5, 1 - a], axis=0)
+    q = np.quantile(values, [a, 0.5, 1 - a, 0.15866, 0.84134], axis=0)
     return {
         "mean": values.mean(axis=0),
         "sd": values.std(axis=0, ddof=1),
         "median": q[1],
         "lower": q[0],
         "upper": q[2],
+        "half68": (q[4] - q[3]) / 2,
     }
 
 
@@ -745,6 +751,8 @@ def _draw_summary(dt: xr.DataTree, key: tuple[str, float], interval: float) -> p
                 "quantity": quantity,
             }
             row |= {k: float(v[idx]) for k, v in stats.items()}
+            row["scale"] = row.pop("half68") if quantity == "theta_new" else row["sd"]
+            row.pop("half68", None)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -752,8 +760,8 @@ def _draw_summary(dt: xr.DataTree, key: tuple[str, float], interval: float) -> p
 def _add_shifts(table: pd.DataFrame, reference: tuple[str, float]) -> pd.DataFrame:
     keys = ["quantity", "task", "coef"]
     is_ref = (table["model"] == reference[0]) & (table["global_scale"] == reference[1])
-    ref = table.loc[is_ref, [*keys, "mean", "median", "sd"]].rename(
-        columns={"mean": "ref_mean", "median": "ref_median", "sd": "ref_sd"}
+    ref = table.loc[is_ref, [*keys, "mean", "median", "scale"]].rename(
+        columns={"mean": "ref_mean", "median": "ref_median", "scale": "ref_scale"}
     )
     merged = table.merge(ref, on=keys, how="left", validate="many_to_one")
     by_median = merged["quantity"] == "theta_new"
@@ -761,7 +769,7 @@ def _add_shifts(table: pd.DataFrame, reference: tuple[str, float]) -> pd.DataFra
     ref_centre = np.where(by_median, merged["ref_median"], merged["ref_mean"])
     merged["shift"] = centre - ref_centre
     with np.errstate(divide="ignore", invalid="ignore"):
-        merged["shift_sd"] = merged["shift"] / merged["ref_sd"]
+        merged["shift_sd"] = merged["shift"] / merged["ref_scale"]
     return merged[SENSITIVITY_COLUMNS]
 
 

@@ -413,14 +413,18 @@ def _warn_other_columns(sets: list[SummarySet], sources: list[str]) -> None:
 
 
 def read_summary_files(
-    paths: Iterable[str | os.PathLike[str]], project_psd: bool = False
+    paths: Iterable[str | os.PathLike[str]],
+    project_psd: bool = False,
+    assume_independent: bool = False,
 ) -> SummarySet:
     """One SummarySet from summary JSON files and CSV tables of univariate summaries.
 
     JSON files are read by :meth:`SummarySet.read_json`; ``.csv``/``.tsv``/``.gz`` tables (the
     meta-analyst's ``task,coef,estimate,std_error``) by
     :func:`latefusion.dml.interop.summaries_from_table`. Several files are combined with
-    :meth:`SummarySet.combine`; every error names the file at fault.
+    :meth:`SummarySet.combine`; every error names the file at fault. ``assume_independent``
+    is passed to ``summaries_from_table`` (tables with several coefficients per task and no
+    covariance columns).
     """
     paths = [Path(p) for p in paths]
     sets = []
@@ -435,7 +439,11 @@ def read_summary_files(
                 raise ValueError(f"summary file {path} is {size} bytes, over {MAX_FILE_BYTES}")
 
             try:
-                sets.append(summaries_from_table(path, project_psd=project_psd))
+                sets.append(
+                    summaries_from_table(
+                        path, project_psd=project_psd, assume_independent=assume_independent
+                    )
+                )
             except ValueError as exc:
                 msg = str(exc)
                 raise ValueError(msg if str(path) in msg else f"{path}: {msg}") from None

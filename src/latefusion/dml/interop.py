@@ -384,7 +384,8 @@ def summaries_from_table(
         raise ValueError(
             f"tasks{where} have {len(order)} coefficients {order} but the table gives no "
             f"covariance between them: add columns {[f'cov_{c}' for c in order]} (or corr_...), "
-            "or pass assume_independent=True if they are uncorrelated"
+            "or, if they are uncorrelated, pass assume_independent=True (on the command "
+            "line: latefusion fuse --assume-independent)"
         )
 
     summaries = []
