@@ -171,7 +171,7 @@ def adaptive(
                     "standard error of its minimum"
                 )
             if i == 0:
-                info["C_rule"] += "; here the grid's smallest C (see sure_path)"
+                info["C_rule"] += "; here the smallest C of its grid"
             C_value = float(grid[i])
             info.update(
                 sure_grid=grid.tolist(),
