@@ -263,6 +263,23 @@ def test_fuse_csv_with_two_coefficients_needs_covariances_or_assume_independent(
     assert set(est["coef"]) == {"intercept", "age"}
 
 
+@pytest.mark.parametrize(
+    ("content", "args", "message"),
+    [
+        ("task,coef,estimate,std_error\n", [], "no rows"),
+        ("task,coef,estimate,std_error\na,e,1,0.5\nb,e,2,0.5\n", ["--C", "1e-300"], "C must"),
+        ("task,coef,estimate,std_error\na,e,1,0.5\nb,e,2,0.5\n", ["--C", "1e300"], "C must"),
+    ],
+)
+def test_fuse_bad_table_or_C_is_a_clean_error(tmp_path, capsys, content, args, message):
+    table = tmp_path / "t.csv"
+    table.write_text(content)
+    out = tmp_path / "o"
+    assert main(["fuse", str(table), "--no-bayes", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()
+
+
 def test_fuse_one_task_returns_it_and_says_heterogeneity_is_not_estimable(tmp_path, capsys):
     from latefusion.summaries import SummarySet, TaskSummary
 

@@ -128,6 +128,52 @@ def test_outputs_are_scale_and_shift_equivariant(seed, rng):
     assert moved.info["objective"] == pytest.approx(base.info["objective"], rel=1e-8)
 
 
+@pytest.mark.parametrize("c", [1e-80, 1e80])
+def test_extreme_units_give_the_same_fit(c, rng):
+    # Raw values near 1e80 or 1e-80 once overflowed in the solver and in SURE (a crash, or a
+    # silently different C); the fit is computed in standard units and mapped back.
+    _, theta_hat, V = random_problem(rng, K=12, p=2, spread=1.0, outliers=0.1)
+    base = adaptive(summaries_from(theta_hat, V), n_boot=30, seed=1)
+    far = adaptive(summaries_from(c * theta_hat, c**2 * V), n_boot=30, seed=1)
+    assert far.info["C"] == base.info["C"] and far.info["fused"] == base.info["fused"]
+    np.testing.assert_allclose(far.theta.estimate, c * base.theta.estimate, rtol=1e-8)
+    np.testing.assert_allclose(far.theta.std_error, c * base.theta.std_error, rtol=1e-8)
+
+
+def test_a_huge_outlier_leaves_the_other_tasks_intervals_alone(rng):
+    # The bootstrap world's posterior covariance T - T (T + V)^{-1} T once cancelled to 0 (or
+    # worse) when one task was 1e16 standard errors away, corrupting every task's interval.
+    _, theta_hat, V = random_problem(rng, K=15, p=1, spread=0.5)
+    se = {}
+    for far in (1e6, 1e16):
+        y = theta_hat.copy()
+        y[0] = far
+        res = adaptive(summaries_from(y, V), n_boot=100, seed=2)
+        se[far] = res.theta.std_error[1:, 0]
+        assert np.all(np.isfinite(res.beta.std_error))
+    # With the outlier at 1e6 or 1e16 the other tasks' world is the same: the Q-profile bound
+    # is set by the outlier either way; their standard errors agree to bootstrap noise.
+    np.testing.assert_allclose(se[1e16], se[1e6], rtol=0.25)
+
+
+def test_solver_refuses_arrays_that_do_not_fit(rng):
+    _, theta_hat, V = random_problem(rng, K=6, p=2)
+    with pytest.raises(ValueError, match="do not fit"):
+        _armul.Problem.build(V, np.ones(5))
+    prob = _armul.Problem.build(V, np.ones(6))
+    with pytest.raises(ValueError, match="does not fit"):
+        _armul.solve(theta_hat[:5], problem=prob)
+    with pytest.raises(ValueError, match="non-finite"):
+        _armul.solve(np.where(theta_hat > 0, np.nan, theta_hat), problem=prob)
+
+
+@pytest.mark.parametrize("C", [1e-300, 1e300, np.inf, np.nan])
+def test_user_C_outside_its_range_is_an_error(C, rng):
+    _, theta_hat, V = random_problem(rng, K=6, p=1)
+    with pytest.raises(ValueError, match="C must be a number from"):
+        adaptive(summaries_from(theta_hat, V), C=C, n_boot=0)
+
+
 def test_batched_solves_equal_single_solves(rng):
     _, theta_hat, V = random_problem(rng, K=10, p=2)
     lam = _armul.task_lambda(V, 1.0)

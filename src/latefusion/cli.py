@@ -403,7 +403,7 @@ def _print_summary(run: Any, out: Path, paths: dict[str, Path], seconds: float) 
     if adaptive is not None:
         fused = adaptive.info.get("fused", [])
         print(
-            f"\nadaptive: C = {adaptive.info['C']:.3f} ({adaptive.info.get('C_rule', '')}), "
+            f"\nadaptive: C = {adaptive.info['C']:.3g} ({adaptive.info.get('C_rule', '')}), "
             f"{sum(fused)} of {len(fused)} tasks fused with the centre"
         )
     if n_ok == 1:

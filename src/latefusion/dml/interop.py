@@ -377,6 +377,8 @@ def summaries_from_table(
 
     coefs = list(dict.fromkeys(df[coef_col]))
     tasks = list(dict.fromkeys(df[task_col]))
+    if not tasks:
+        raise ValueError(f"the table{where} has no rows")
     first = df.loc[df[task_col] == tasks[0], coef_col].tolist()
     order = first + [c for c in coefs if c not in first]
     kind, cov_cols = _covariance_columns(df, order, where)

@@ -108,6 +108,11 @@ class Problem:
         """Eigendecompose the covariances ``V`` (K, p, p) once."""
         V = np.asarray(V, dtype=float)
         lam = np.asarray(lam, dtype=float)
+        if V.ndim != 3 or V.shape[1] != V.shape[2] or lam.shape != V.shape[:1]:
+            raise ValueError(
+                f"covariances of shape {V.shape} and penalties of shape {lam.shape} do not "
+                "fit: expected (K, p, p) and (K,)"
+            )
         v, Q = np.linalg.eigh(V)
         if np.any(v <= 0):
             bad = np.flatnonzero(np.any(v <= 0, axis=1))
@@ -429,6 +434,13 @@ def solve(
     theta_hat = np.asarray(theta_hat, dtype=float)
     single = theta_hat.ndim == 2
     Y = theta_hat[None] if single else theta_hat
+    if Y.ndim != 3 or Y.shape[1:] != prob.shape or prob.lam.shape != (prob.shape[0],):
+        raise ValueError(
+            f"theta_hat of shape {theta_hat.shape} does not fit {prob.shape[0]} tasks with "
+            f"{prob.shape[1]} coefficients and {prob.lam.shape} penalties"
+        )
+    if not np.all(np.isfinite(Y)):
+        raise ValueError("theta_hat has non-finite values")
     B = Y.shape[0]
     if Y.shape[2] == 1:
         beta = _scalar_centre(Y, prob)
@@ -446,7 +458,10 @@ def solve(
     state = _State(F=F, g=g, force=force, H=None, t=t, u=u)
     n_iter = int(iters.max())
 
-    excess = np.linalg.norm(state.g, axis=1) / (gtol * state.force + floor)
+    tol = gtol * state.force + floor
+    gnorm = np.linalg.norm(state.g, axis=1)
+    # A zero gradient meets any tolerance, including a zero one (all estimates 0).
+    excess = np.where(gnorm == 0, 0.0, gnorm / np.where(tol > 0, tol, 1.0))
     converged = bool(np.all(excess <= 1e3))
     if not converged:
         logger.debug("ARMUL stopped with gradient %s times its tolerance", excess.max())

@@ -19,6 +19,10 @@ __all__ = ["C_RULES", "adaptive", "sure_path"]
 #: The data-driven and theory rules for the constant C (see :func:`adaptive`).
 C_RULES = ("sure_1se", "sure", "theory")
 
+#: Accepted range of a user-given C: beyond it the penalties leave every task alone or fuse
+#: every task to rounding precision (the itl and fixed_effect methods do that exactly).
+C_RANGE = (1e-6, 1e6)
+
 #: One-sided level of the upper confidence bound on each tau^2 that sets the heterogeneity of
 #: the bootstrap world (see :func:`adaptive`, Notes).
 WORLD_TAU2_LEVEL = 0.8
@@ -134,8 +138,15 @@ def adaptive(
     _check_level(level)
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
-    theta_hat, V, _ = summaries.arrays()
-    K, p = theta_hat.shape
+    theta_orig, V_orig, _ = summaries.arrays()
+    K, p = theta_orig.shape
+    # Work in standard units: estimates centred at their coordinate-wise median and divided,
+    # with the standard errors, by the median standard-error scale. The estimator is equivariant
+    # to both (outputs are mapped back below), and rounding no longer depends on the units: raw
+    # values near 1e80 or 1e-80 once overflowed inside the solver and SURE.
+    loc = np.median(theta_orig, axis=0)
+    unit = float(np.median(_armul.task_scale(V_orig)))
+    theta_hat, V = (theta_orig - loc) / unit, V_orig / unit**2
     if K <= 2:
         warnings.warn(
             f"adaptive: only {K} task(s); which tasks to fuse is decided on very little",
@@ -181,13 +192,14 @@ def adaptive(
             )
     else:
         C_value = float(C)
-        if not np.isfinite(C_value) or C_value <= 0:
+        if not (C_RANGE[0] <= C_value <= C_RANGE[1]):
             raise ValueError(
-                f"C must be positive and finite, got {C} (C near 0 leaves every task alone: "
-                "that is the itl method)"
+                f"C must be a number from {C_RANGE[0]:g} to {C_RANGE[1]:g}, got {C} (C near 0 "
+                "leaves every task alone, which is the itl method; a very large C fuses every "
+                "task, which is the fixed_effect method)"
             )
         info["C_rule"] = "user"
-    lam = _armul.task_lambda(V, C_value)
+    lam = _armul.task_lambda(V, C_value)  # in standard units; lam / unit in the data's
     prob = _armul.Problem.build(V, lam)
 
     # The estimate.
@@ -207,9 +219,15 @@ def adaptive(
         theta_hat, V, prob, sol, world_tau2, n_boot, rng
     )
     z = stats.norm.ppf(0.5 + level / 2)
+    # Back to the data's units.
+    theta_est, beta_est = loc + unit * sol.theta, loc + unit * sol.beta
+    theta_se, beta_se, theta_sd, beta_sd = (
+        unit * a for a in (theta_se, beta_se, theta_sd, beta_sd)
+    )
+    world_tau2 = unit**2 * world_tau2
     info.update(
         C=C_value,
-        lam=lam.tolist(),
+        lam=(lam / unit).tolist(),
         fused=sol.fused.tolist(),
         objective=float(sol.objective),
         kkt_residual=kkt,
@@ -228,8 +246,8 @@ def adaptive(
         method="adaptive",
         task_names=summaries.task_names,
         coef_names=summaries.coef_names,
-        theta=Interval(sol.theta, theta_se, sol.theta - z * theta_se, sol.theta + z * theta_se),
-        beta=Interval(sol.beta, beta_se, sol.beta - z * beta_se, sol.beta + z * beta_se),
+        theta=Interval(theta_est, theta_se, theta_est - z * theta_se, theta_est + z * theta_se),
+        beta=Interval(beta_est, beta_se, beta_est - z * beta_se, beta_est + z * beta_se),
         info=info,
     )
 
@@ -327,7 +345,8 @@ def _bootstrap(theta_hat, V, prob, sol, world_tau2, n_boot, rng):
     T = np.diag(world_tau2)
     G = T @ np.linalg.inv(T + V)
     mean = sol.beta + np.einsum("kij,kj->ki", G, theta_hat - sol.beta)
-    post = T - G @ T
+    # T - T (T + V)^{-1} T written as T (T + V)^{-1} V: no cancellation when T >> V.
+    post = G @ V
     L_post = _sqrt_psd(0.5 * (post + post.transpose(0, 2, 1)))
     L_noise = _sqrt_psd(V)
 
