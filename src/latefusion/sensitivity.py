@@ -244,9 +244,9 @@ class SensitivityResult:
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".latefusion-", dir=out))
         try:
-            self.table.to_csv(staging / "sensitivity.csv", index=False, float_format="%.10g")
+            self.table.to_csv(staging / "sensitivity.csv", index=False, float_format="%.15g")
             self.power_scaling.to_csv(
-                staging / "power_scaling.csv", index=False, float_format="%.10g"
+                staging / "power_scaling.csv", index=False, float_format="%.15g"
             )
             self.diagnostics.to_csv(staging / "diagnostics.csv", index=False, float_format="%.6g")
             for name, make in (

@@ -121,9 +121,9 @@ class FusionRun:
         files: dict[str, Path] = {}
         files["summaries.json"] = self.summaries.to_json(d / "summaries.json")
         table = self.table()
-        table.to_csv(d / "estimates.csv", index=False, float_format="%.10g")
+        table.to_csv(d / "estimates.csv", index=False, float_format="%.15g")
         files["estimates.csv"] = d / "estimates.csv"
-        self.heterogeneity().to_csv(d / "heterogeneity.csv", index=False, float_format="%.10g")
+        self.heterogeneity().to_csv(d / "heterogeneity.csv", index=False, float_format="%.15g")
         files["heterogeneity.csv"] = d / "heterogeneity.csv"
         if self.bayes is not None:
             self.bayes.datatree.to_netcdf(d / "posterior.nc", engine="h5netcdf")
