@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from latefusion import summaries as summaries_mod
-from latefusion.summaries import SummarySet, TaskSummary
+from latefusion.summaries import (
+    SummarySet,
+    TaskSummary,
+    project_covariance,
+    smallest_correlation_eigenvalue,
+)
 from latefusion.warnings import LateFusionWarning
 
 
@@ -151,6 +156,23 @@ def test_indefinite_covariance_is_refused_or_projected_when_asked(tmp_path):
     s = SummarySet.read_json(path, project_psd=True)["site9"]
     assert np.linalg.eigvalsh(s.V)[0] > 0
     assert s.diagnostics["covariance_projected"] == pytest.approx(-1.0)  # smallest eigenvalue
+
+
+def test_covariance_checks_do_not_depend_on_the_coefficients_units():
+    # An intercept with standard error 1000 beside a slope with 1e-4: positive definite, once
+    # refused as singular (eigenvalue ratio 1e-14) and then inflated 1000-fold by projection.
+    V = np.diag([1000.0**2, 1e-4**2])
+    s = TaskSummary("site", "cate", ("intercept", "z"), [1.0, 0.001], V, 50)
+    np.testing.assert_array_equal(s.V, V)
+    # A covariance that is not positive definite in those units is refused, and projection
+    # keeps both variances and repairs only the correlation.
+    bad = np.array([[1000.0**2, 0.2], [0.2, 1e-4**2]])  # correlation 2
+    with pytest.raises(ValueError, match="not positive definite"):
+        TaskSummary("site", "cate", ("intercept", "z"), [1.0, 0.001], bad, 50)
+    fixed, smallest = project_covariance(bad)
+    assert smallest == pytest.approx(-1.0)
+    np.testing.assert_allclose(np.diag(fixed), np.diag(bad), rtol=1e-12)
+    assert smallest_correlation_eigenvalue(fixed) > 0
 
 
 def test_combine_sites_checks_duplicates_and_coefficients(rng):

@@ -180,8 +180,10 @@ class TaskSummary:
             raise ValueError(f"task {task!r}{where}: 'diagnostics' is not an object")
         status = d.get("status", STATUS_OK)
         if project_psd and status == STATUS_OK and V.ndim == 2 and V.shape[0] == V.shape[1] > 1:
-            if np.all(np.isfinite(V)) and np.linalg.eigvalsh((V + V.T) / 2)[0] <= (
-                EIGEN_TOL * np.abs(V).max()
+            if (
+                np.all(np.isfinite(V))
+                and np.all(np.diag(V) > 0)
+                and smallest_correlation_eigenvalue(V) <= EIGEN_TOL
             ):
                 V, smallest = project_covariance(V)
                 diagnostics = {**diagnostics, "covariance_projected": smallest}
@@ -485,8 +487,21 @@ def _check_estimate(task: str, names: tuple[str, ...], theta_hat: np.ndarray, V:
 
 #: Relative asymmetry of a covariance accepted as rounding noise (and symmetrised).
 SYMMETRY_TOL = 1e-8
-#: Smallest eigenvalue, relative to the largest, of an acceptable covariance.
+#: Smallest eigenvalue of the correlation matrix of an acceptable covariance. Judged on the
+#: correlation scale so that coefficients in different units (an intercept with standard error
+#: 1000 beside a slope with 1e-4) are not mistaken for a singular covariance.
 EIGEN_TOL = 1e-12
+
+
+def smallest_correlation_eigenvalue(V: np.ndarray) -> float:
+    """Smallest eigenvalue of the correlation matrix of ``V`` (-inf if a variance is not
+    positive and finite): at most 0 when ``V`` is not positive definite, whatever the units."""
+    V = (V + V.T) / 2
+    d = np.diag(V)
+    if not np.all(np.isfinite(V)) or np.any(d <= 0):
+        return -np.inf
+    s = 1 / np.sqrt(d)
+    return float(np.linalg.eigvalsh(V * s[:, None] * s[None, :])[0])
 
 
 def _check_covariance(task: str, V: np.ndarray) -> np.ndarray:
@@ -499,25 +514,32 @@ def _check_covariance(task: str, V: np.ndarray) -> np.ndarray:
         )
     V = (V + V.T) / 2
     if V.shape[0] > 1:
-        w = np.linalg.eigvalsh(V)
-        if w[0] <= EIGEN_TOL * w[-1]:
+        smallest = smallest_correlation_eigenvalue(V)
+        if smallest <= EIGEN_TOL:
             raise ValueError(
-                f"task {task!r}: covariance is not positive definite (eigenvalues from "
-                f"{w[0]:.3g} to {w[-1]:.3g}); fix it at the site, or project it onto the "
-                "positive definite matrices (project_psd=True, --project-psd)"
+                f"task {task!r}: covariance is not positive definite (smallest eigenvalue of "
+                f"its correlation matrix {smallest:.3g}); fix it at the site, or project it "
+                "onto the positive definite matrices (project_psd=True, --project-psd)"
             )
     return V
 
 
 def project_covariance(V: np.ndarray) -> tuple[np.ndarray, float]:
-    """Nearest symmetric matrix with eigenvalues at least ``1e-8`` times the largest.
+    """Keep the variances, and replace the correlation matrix by the nearest symmetric matrix
+    with eigenvalues at least ``1e-8``.
 
-    Returns the projected matrix and the smallest eigenvalue before projection.
+    Returns the projected matrix and the smallest eigenvalue of the correlation matrix before
+    projection. Working on the correlation scale leaves every variance as the site reported
+    it, whatever the coefficients' units (clipping eigenvalues of ``V`` itself inflated a small
+    variance beside a large one).
     """
     V = (V + V.T) / 2
-    w, Q = np.linalg.eigh(V)
-    floor = 1e-8 * max(w[-1], np.finfo(float).tiny)
-    return (Q * np.maximum(w, floor)) @ Q.T, float(w[0])
+    sd = np.sqrt(np.diag(V))
+    R = V / np.outer(sd, sd)
+    w, Q = np.linalg.eigh(R)
+    R = (Q * np.maximum(w, 1e-8)) @ Q.T
+    R = R / np.sqrt(np.outer(np.diag(R), np.diag(R)))  # unit diagonal again
+    return R * np.outer(sd, sd), float(w[0])
 
 
 def _floats(x: np.ndarray) -> list[float | str]:

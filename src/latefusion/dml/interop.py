@@ -45,6 +45,7 @@ from latefusion.summaries import (
     SummarySet,
     TaskSummary,
     project_covariance,
+    smallest_correlation_eigenvalue,
 )
 
 __all__ = [
@@ -408,8 +409,7 @@ def summaries_from_table(
         task_estimand = _constant(df, rows_in_order, "estimand", task, where, default=estimand)
         diagnostics: dict[str, Any] = {"source": "table"}
         if project_psd and len(order) > 1:
-            w = np.linalg.eigvalsh(V)
-            if w[0] <= EIGEN_TOL * w[-1]:
+            if smallest_correlation_eigenvalue(V) <= EIGEN_TOL:
                 V, smallest = project_covariance(V)
                 diagnostics["covariance_projected"] = smallest
         try:
