@@ -280,6 +280,22 @@ def test_fuse_bad_table_or_C_is_a_clean_error(tmp_path, capsys, content, args, m
     assert message in err and "Traceback" not in err and not out.exists()
 
 
+def test_fuse_knapp_hartung_option_reaches_the_random_effects_intervals(tmp_path):
+    from latefusion.dml.interop import summaries_from_table
+    from latefusion.fusion import random_effects
+
+    table = tmp_path / "m.csv"
+    table.write_text("task,coef,estimate,std_error\na,e,1,0.5\nb,e,2,0.5\nc,e,1.5,0.4\nd,e,3,0.6\n")
+    for flag in ([], ["--knapp-hartung"]):
+        out = tmp_path / f"o{len(flag)}"
+        assert main(["fuse", str(table), "--no-bayes", *flag, "--out", str(out)]) == 0
+        est = pd.read_csv(out / "estimates.csv", keep_default_na=False)
+        row = est.query("level == 'pooled' and method == 'random_effects_dl'").iloc[0]
+        ref = random_effects(summaries_from_table(table), method="DL", knapp_hartung=bool(flag))
+        assert row["lower"] == pytest.approx(ref.beta.lower[0], rel=1e-12)
+        assert row["upper"] == pytest.approx(ref.beta.upper[0], rel=1e-12)
+
+
 def test_fuse_one_task_returns_it_and_says_heterogeneity_is_not_estimable(tmp_path, capsys):
     from latefusion.summaries import SummarySet, TaskSummary
 

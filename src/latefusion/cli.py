@@ -225,6 +225,12 @@ def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -
         "unbiased risk estimate is within one standard error of its minimum), 'sure' (the "
         "minimum), 'theory' (sqrt(1 + log(K) / p)) or a number",
     )
+    g.add_argument(
+        "--knapp-hartung",
+        action="store_true",
+        help="random-effects intervals with the Knapp-Hartung adjustment (t with K - 1 "
+        "degrees of freedom) instead of normal ones",
+    )
     names = ["--bayes-model", "--model"] if model_alias else ["--bayes-model"]
     g.add_argument(
         *names,
@@ -383,6 +389,7 @@ def _fuse_and_write(summaries: Any, args: argparse.Namespace, started: float) ->
         bayes=not args.no_bayes,
         bayes_options={"draws": args.draws, "tune": args.tune, "chains": args.chains},
         seed=args.seed,
+        knapp_hartung=args.knapp_hartung,
     )
     paths = run.write(args.out)
     _print_summary(run, args.out, paths, time.perf_counter() - started)

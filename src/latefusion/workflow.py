@@ -225,6 +225,7 @@ def fuse_summaries(
     bayes_options: Mapping[str, Any] | None = None,
     n_boot: int = 200,
     seed: int = 0,
+    knapp_hartung: bool = False,
 ) -> FusionRun:
     """Fuse summaries by every method: ITL, fixed effect, random effects (DerSimonian-Laird and
     REML), adaptive aggregation and the Bayesian model.
@@ -244,16 +245,21 @@ def fuse_summaries(
     n_boot : int, default=200
         Parametric bootstrap draws for the adaptive estimator's uncertainty.
     seed : int, default=0
+    knapp_hartung : bool, default=False
+        Random-effects intervals of the centre and the new task with the Knapp-Hartung
+        adjustment (t with K - 1 degrees of freedom, scaled variance) instead of normal ones.
     """
     started = time.perf_counter()
     results = [
         itl(summaries),
         fixed_effect(summaries),
-        random_effects(summaries, method="DL"),
-        random_effects(summaries, method="REML"),
+        random_effects(summaries, method="DL", knapp_hartung=knapp_hartung),
+        random_effects(summaries, method="REML", knapp_hartung=knapp_hartung),
         adaptive(summaries, C=C, n_boot=n_boot, seed=seed),
     ]
     settings: dict[str, Any] = {"C": C, "n_boot": n_boot, "seed": seed}
+    if knapp_hartung:
+        settings["knapp_hartung"] = True
     fit = None
     if bayes and len(summaries.usable()) < 2:
         settings["bayes_skipped"] = "one usable task, nothing to fuse"
