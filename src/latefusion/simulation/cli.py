@@ -93,7 +93,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "--learner",
         choices=["default", "linear", "forest", "boosting"],
         default="linear",
-        help="nuisance learners (default linear)",
+        help="nuisance learners: a preset of 'latefusion run' ('default' there picks "
+        "learners by task size); here the default is linear, the fastest",
     )
     e.add_argument("--propensity", choices=["auto", "design", "estimate"], default="auto")
     e.add_argument("--n-folds", type=int, default=5, help="cross-fitting folds (default 5)")
