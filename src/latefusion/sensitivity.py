@@ -751,8 +751,8 @@ def _draw_summary(dt: xr.DataTree, key: tuple[str, float], interval: float) -> p
                 "quantity": quantity,
             }
             row |= {k: float(v[idx]) for k, v in stats.items()}
-            row["scale"] = row.pop("half68") if quantity == "theta_new" else row["sd"]
-            row.pop("half68", None)
+            half68 = row.pop("half68")
+            row["scale"] = half68 if quantity == "theta_new" else row["sd"]
             rows.append(row)
     return pd.DataFrame(rows)
 

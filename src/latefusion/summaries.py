@@ -180,11 +180,8 @@ class TaskSummary:
             raise ValueError(f"task {task!r}{where}: 'diagnostics' is not an object")
         status = d.get("status", STATUS_OK)
         if project_psd and status == STATUS_OK and V.ndim == 2 and V.shape[0] == V.shape[1] > 1:
-            if (
-                np.all(np.isfinite(V))
-                and np.all(np.diag(V) > 0)
-                and smallest_correlation_eigenvalue(V) <= EIGEN_TOL
-            ):
+            # -inf (a variance that is not positive and finite) is left for the checks to refuse.
+            if -np.inf < smallest_correlation_eigenvalue(V) <= EIGEN_TOL:
                 V, smallest = project_covariance(V)
                 diagnostics = {**diagnostics, "covariance_projected": smallest}
         return cls(

@@ -308,8 +308,7 @@ def _newton(Y, beta0, w, Q, lam, M, floor, gtol, max_iter):  # pragma: no cover 
         it = 0
         while it < max_iter:
             gnorm = np.sqrt(np.sum(gb[0] * gb[0]))
-            # The gradient sums K forces of norm at most lam_k: zero when they cancel to gtol
-            # of their total, or to the rounding floor; mu > 1e15: no direction decreases F.
+            # Converged (see solve), or mu > 1e15: no direction decreases F (rounding level).
             if gnorm <= gtol * fb[0] + floor or mu > 1e15:
                 break
             it += 1
@@ -339,9 +338,7 @@ def _evaluate(
 ) -> _State:
     """Profile objective, gradient and (optionally) Hessian at centres ``beta`` (B, p).
 
-    ``t0`` (B, K), the inner roots at a nearby centre, warm-starts the secular equations. The
-    work is a loop over centres and tasks compiled by numba (a dependency of PyTensor, so of
-    PyMC): at K = 50 the vectorised NumPy version spent most of its time in per-call overhead.
+    ``t0`` (B, K), the inner roots at a nearby centre, warm-starts the secular equations.
     """
     beta = np.ascontiguousarray(beta, dtype=float)
     theta_hat = np.ascontiguousarray(theta_hat, dtype=float)
@@ -434,10 +431,10 @@ def solve(
     theta_hat = np.asarray(theta_hat, dtype=float)
     single = theta_hat.ndim == 2
     Y = theta_hat[None] if single else theta_hat
-    if Y.ndim != 3 or Y.shape[1:] != prob.shape or prob.lam.shape != (prob.shape[0],):
+    if Y.ndim != 3 or Y.shape[1:] != prob.shape:
         raise ValueError(
             f"theta_hat of shape {theta_hat.shape} does not fit {prob.shape[0]} tasks with "
-            f"{prob.shape[1]} coefficients and {prob.lam.shape} penalties"
+            f"{prob.shape[1]} coefficients"
         )
     if not np.all(np.isfinite(Y)):
         raise ValueError("theta_hat has non-finite values")
