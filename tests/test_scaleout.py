@@ -64,6 +64,30 @@ def test_dask_cluster_gives_serial_results(rng):
     _assert_identical(serial, on_cluster)
 
 
+def test_dask_cluster_runs_one_cluster_task_per_task(rng):
+    """scikit-learn's inner joblib loops stay on the worker instead of going back to the cluster.
+
+    The default propensity learner is LogisticRegressionCV, whose folds x penalties are joblib
+    jobs; inside a Dask worker joblib's default backend is Dask, so without the guard each task
+    sent dozens of sub-tasks through the scheduler (and 2 workers were slower than 1 process).
+    """
+    distributed = pytest.importorskip("distributed")
+    df, _ = simulate_rows(n_tasks=3, n=200, seed=int(rng.integers(1000)))
+    xcols = [c for c in df if c.startswith("x")]
+    settings = DMLSettings(seed=2, n_folds=3)
+    with (
+        # Two workers: with one, distributed 2026.8's task stream came back empty here.
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+        distributed.get_task_stream(client) as stream,
+    ):
+        estimate_tasks(df, "task", "A", "Y", xcols, settings=settings,
+                       scheduler=cluster.scheduler_address)  # fmt: skip
+    assert len(stream.data) == 3, sorted({str(t["key"]).split("-")[0] for t in stream.data})
+
+
 def test_scheduler_without_distributed_says_what_to_install(rng, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
     df = _data(rng)
