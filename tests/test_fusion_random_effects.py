@@ -231,3 +231,25 @@ def test_unsupported_combinations_are_named(rng):
         random_effects(ss, method="REML", multivariate=True, knapp_hartung=True)
     with pytest.raises(ValueError, match="method"):
         random_effects(ss, method="PM")
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-4, 1e5])
+@pytest.mark.parametrize("method", ["DL", "REML"])
+def test_fit_is_equivariant_under_a_change_of_units(method, scale):
+    # Estimates in other units (an effect in 1e-9 of a unit, say) give the same fit in those
+    # units. The root-finders used absolute tolerances of 1e-15, which at scale 1e-9 (tau^2
+    # near 1e-18) left REML's tau^2 and the Q-profile bounds off by several percent.
+    y, v = (np.array(a) for a in DESIGNS["moderate_k20"])
+    base = _fit_arrays(y, v, method)
+    scaled = _fit_arrays(y * scale, v * scale**2, method)
+    for key in ("tau2", "tau2_lower", "tau2_upper"):
+        assert scaled[0][key] == pytest.approx(base[0][key] * scale**2, rel=1e-9, abs=1e-300)
+    for key in ("Q", "I2"):
+        assert scaled[0][key] == pytest.approx(base[0][key], rel=1e-9)
+    np.testing.assert_allclose(scaled[1], base[1] * scale, rtol=1e-9)
+
+
+def _fit_arrays(y, v, method):
+    res = random_effects(summaries_from(y, v), method=method)
+    (het,) = res.info["heterogeneity"]
+    return het, np.r_[res.beta.estimate, res.beta.std_error, res.theta.estimate[:, 0]]
