@@ -205,6 +205,10 @@ value at the same eta; `divergences` summed over repetitions. Plot: `mse.png`.
 
 {checks}
 
+The horseshoe's misses are examined in `../horseshoe_variants/` (other catalogue priors, same
+data) and `../prior_calibration/` (200 repetitions from the summaries, with the Bayes rule of
+the true prior as a yardstick: its worst task is 1.41 times ITL's MSE at eta = 0.2).
+
 ## Table
 
 {table}
