@@ -28,7 +28,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	@touch $@ $(VENV)/.installed-data
 
 demo: $(VENV)/.installed-data
-	$(BIN)/latefusion demo --out $(OUT)
+	$(BIN)/latefusion demo --out $(OUT) --sampler pymc
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks

@@ -74,7 +74,9 @@ def test_run_without_bayes_writes_outputs_with_the_public_columns(csv, tmp_path,
 def test_run_with_bayes_writes_a_readable_posterior(csv, tmp_path):
     out = tmp_path / "out"
     args = _args(csv, out, "--draws", "100", "--tune", "100", "--chains", "2", "--model", "plr")
-    assert main(args) == 0
+    assert main([*args, "--sampler", "pymc"]) == 0
+    # The sampler that ran is in the report: the Bayesian rows depend on it.
+    assert "  sampler: pymc" in (out / "report.md").read_text()
     tree = xr.open_datatree(out / "posterior.nc", engine="h5netcdf")
     assert tree["posterior"]["theta"].dims == ("chain", "draw", "task", "coef")
     assert list(tree["posterior"]["theta"].coords["task"].values) == [f"task0{k}" for k in range(5)]

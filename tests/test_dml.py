@@ -381,3 +381,16 @@ def test_text_outcome_is_an_error_naming_the_column(rng):
     df["grade"] = np.array(["low", "mid", "high"])[np.arange(len(df)) % 3]
     with pytest.raises(ValueError, match="outcome column 'grade' is not numeric"):
         estimate_tasks(df, "task", "A", "grade", xcols)
+
+
+def test_a_modifier_is_a_nuisance_covariate_even_when_not_listed_as_one(rng):
+    # A modifier that confounds (it drives treatment and outcome) must be adjusted for: giving
+    # it only as a modifier used to leave it out of the nuisance models, with no warning.
+    df, _ = simulate_rows(n_tasks=2, n=300, modifier=True, seed=int(rng.integers(1000)))
+    settings = DMLSettings(seed=1, n_folds=3)
+    alone = estimate_tasks(df, "task", "A", "Y", ["x1"], ["z"], settings)
+    listed = estimate_tasks(df, "task", "A", "Y", ["x1", "z"], ["z"], settings)
+    for a, b in zip(alone, listed, strict=True):
+        np.testing.assert_array_equal(a.theta_hat, b.theta_hat)
+        np.testing.assert_array_equal(a.V, b.V)
+    assert alone.meta["columns"]["covariates_encoded"] == ["x1", "z"]

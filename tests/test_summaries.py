@@ -183,8 +183,12 @@ def test_combine_sites_checks_duplicates_and_coefficients(rng):
     with pytest.raises(ValueError, match="task 'x' appears in both a.json and b.json"):
         SummarySet.combine([a, a], ["a.json", "b.json"])
     c = SummarySet([TaskSummary("z", "att", ("effect",), [2.0], [[1.0]], 10)])
-    with pytest.raises(ValueError, match="c.json estimates att"):
+    with pytest.raises(ValueError, match="c.json estimates att") as err:
         SummarySet.combine([a, c], ["a.json", "c.json"])
+    assert "column 'estimand'" not in str(err.value)  # no table involved
+    # A summary table without an 'estimand' column is taken as ATEs: the error says so.
+    with pytest.raises(ValueError, match=r"table.csv: a summary table states its estimand"):
+        SummarySet.combine([c, a], ["c.json", "table.csv"])
 
 
 def test_combine_warns_when_sites_summarise_other_columns():

@@ -247,6 +247,13 @@ def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -
         "--tune", type=_positive_int, default=1000, help="tuning steps per chain (default 1000)"
     )
     g.add_argument("--chains", type=_positive_int, default=4, help="MCMC chains (default 4)")
+    g.add_argument(
+        "--sampler",
+        choices=["auto", "pymc", "nutpie"],
+        default="auto",
+        help="NUTS implementation: 'auto' (default) is nutpie when it is installed (the 'fast' "
+        "and 'dev' extras), else PyMC's; the two give different draws from the same seed",
+    )
 
 
 # Commands -------------------------------------------------------------------------------------
@@ -387,7 +394,12 @@ def _fuse_and_write(summaries: Any, args: argparse.Namespace, started: float) ->
         C=C,
         bayes_model=args.bayes_model,
         bayes=not args.no_bayes,
-        bayes_options={"draws": args.draws, "tune": args.tune, "chains": args.chains},
+        bayes_options={
+            "draws": args.draws,
+            "tune": args.tune,
+            "chains": args.chains,
+            "sampler": args.sampler,
+        },
         seed=args.seed,
         knapp_hartung=args.knapp_hartung,
     )

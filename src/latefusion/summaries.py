@@ -374,10 +374,17 @@ class SummarySet:
                     ref[0].coef_names,
                     ref[0].estimand,
                 ):
+                    csv = [x for x in (src, ref[1]) if str(x).lower().endswith(".csv")]
+                    hint = (
+                        f" ({' and '.join(csv)}: a summary table states its estimand in a column "
+                        "'estimand'; without one its tasks are taken as 'ate')"
+                        if csv
+                        else ""
+                    )
                     raise ValueError(
                         f"{src} estimates {ss.estimand} with coefficients {list(ss.coef_names)}, "
                         f"but {ref[1]} estimates {ref[0].estimand} with "
-                        f"{list(ref[0].coef_names)}"
+                        f"{list(ref[0].coef_names)}{hint}"
                     )
         _warn_other_columns(sets, sources)
         meta = {"sites": {src: ss.meta for ss, src in zip(sets, sources, strict=True)}}

@@ -144,7 +144,7 @@ class FusionRun:
         lines = [
             "# latefusion report",
             "",
-            f"latefusion {__version__}. {n_all} tasks, {n_ok} fused"
+            f"latefusion {__version__}. {n_all} tasks, {n_ok} used in fusion"
             + (f", {n_all - n_ok} excluded (reasons below)." if n_ok < n_all else "."),
             f"Estimand: `{s.estimand}`; coefficients: {', '.join(s.coef_names)}.",
             "",
@@ -269,7 +269,9 @@ def fuse_summaries(
         options = {"seed": seed, **(bayes_options or {})}
         fit = fit_bayes(summaries, model=bayes_model, **options)
         results.append(fit.result)
-        settings["bayes"] = {"model": fit.spec.name, **_plain(options)}
+        # The sampler that ran ("auto" resolves to nutpie or PyMC): draws differ between them.
+        used = fit.diagnostics.get("sampler")
+        settings["bayes"] = {"model": fit.spec.name, **_plain(options), "sampler": used}
     settings["seconds"] = round(time.perf_counter() - started, 2)
     _check_finite(results)
     return FusionRun(summaries, results, fit, settings)

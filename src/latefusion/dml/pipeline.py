@@ -53,7 +53,9 @@ def estimate_tasks(
     modifiers : sequence of str
         Effect modifiers z: the target becomes the coefficients of ``CATE(z) = z'theta`` with
         ``z = (1, modifiers)``. Uncentred: centre them first if the intercept should be the
-        average effect.
+        average effect. A modifier is also a covariate of the nuisance models, whether or not
+        it is listed in ``covariates``: a variable that modifies the effect usually also
+        predicts the outcome, and leaving it out of the nuisances would leave it unadjusted.
     settings : DMLSettings, optional
         Model, learners, folds, propensity; defaults to ``DMLSettings()``.
     treated, control : scalar, optional
@@ -292,6 +294,11 @@ def prepare_data(
     """
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    # Modifiers are nuisance covariates too (see estimate_tasks).
+    added = [m for m in modifiers if m not in covariates]
+    if added:
+        log.info("modifier(s) %s also used as covariates of the nuisance models", added)
+    covariates = [*covariates, *added]
     used = [task_col, treatment, outcome, *covariates, *modifiers]
     used += [c for c in (propensity_col, cluster_col) if c is not None]
     missing = [c for c in dict.fromkeys(used) if c not in data.columns]
