@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import optimize
+from scipy import optimize, stats
 
 from latefusion.fusion import random_effects
-from latefusion.fusion.random_effects import _mv_reml, _tau2_reml
+from latefusion.fusion.random_effects import _mv_reml, _tau2_reml, generalised_q
 from latefusion.warnings import FewTasksWarning
 from test_fusion_data import random_problem, summaries_from
 
@@ -253,3 +253,25 @@ def _fit_arrays(y, v, method):
     res = random_effects(summaries_from(y, v), method=method)
     (het,) = res.info["heterogeneity"]
     return het, np.r_[res.beta.estimate, res.beta.std_error, res.theta.estimate[:, 0]]
+
+
+def test_a_task_with_a_huge_variance_leaves_reml_unchanged_and_bounds_exact():
+    # A task with a standard error of 1e9 has no weight: REML's tau^2 and centre are the other
+    # tasks' (a root-finding tolerance relative to the largest variance once put REML's tau^2
+    # at 888 for tasks whose tau^2 is 0.03, above its own upper bound). The Q-profile bounds
+    # move (one more degree of freedom) but must still solve Q(tau^2) = chi^2 quantile.
+    y, v = (np.array(a) for a in DESIGNS["moderate_k20"])
+    base = _fit_arrays(y, v, "REML")
+    y2, v2 = np.r_[y, 1.0], np.r_[v, 1e18]
+    more = _fit_arrays(y2, v2, "REML")
+    assert more[0]["tau2"] == pytest.approx(base[0]["tau2"], rel=1e-9)
+    np.testing.assert_allclose(more[1][:2], base[1][:2], rtol=1e-9)
+    het = more[0]
+    assert het["tau2_lower"] <= het["tau2"] <= het["tau2_upper"]
+    for key, q in (("tau2_lower", 0.975), ("tau2_upper", 0.025)):
+        target = stats.chi2.ppf(q, y2.size - 1)
+        if het[key] == 0:  # Q(0) already at or below the quantile
+            assert generalised_q(y2, v2, 0.0) <= target
+        else:
+            assert generalised_q(y2, v2, het[key]) == pytest.approx(target, rel=1e-10)
+    assert het["tau2_upper"] > 0

@@ -51,7 +51,7 @@ def q_profile(y: np.ndarray, v: np.ndarray, target: float) -> float:
     hi = max(float(np.var(y)), float(np.max(v)))
     while generalised_q(y, v, hi) > target:
         hi *= 2.0
-    return _root(lambda t: generalised_q(y, v, t) - target, hi)
+    return _root(lambda t: generalised_q(y, v, t) - target, hi, float(np.min(v)))
 
 
 def _tau2_dl(y: np.ndarray, v: np.ndarray) -> float:
@@ -75,16 +75,18 @@ def _tau2_reml(y: np.ndarray, v: np.ndarray) -> float:
     hi = max(float(np.var(y)), float(np.max(v)))
     while _reml_score(y, v, hi) > 0:
         hi *= 2.0
-    return _root(lambda t: _reml_score(y, v, t), hi)
+    return _root(lambda t: _reml_score(y, v, t), hi, float(np.min(v)))
 
 
-def _root(f, hi: float) -> float:
-    """The root of ``f`` in [0, hi], to a tolerance relative to ``hi`` (the problem's scale).
+def _root(f, hi: float, scale: float) -> float:
+    """The root of ``f`` in [0, hi], to a tolerance relative to ``scale``.
 
-    An absolute tolerance would stop early when variances are tiny (estimates in units of 1e-9
-    give tau2 near 1e-18) and waste steps when they are huge.
+    ``scale`` is the smallest within-task variance: a tau2 far below it changes no weight. An
+    absolute tolerance stopped early when variances are tiny (estimates in units of 1e-9 give
+    tau2 near 1e-18); one relative to ``hi`` did so when one task's variance is huge (a task
+    with a standard error of 1e9 among tasks of 0.1 put REML's tau2 at 888 instead of 0.03).
     """
-    return float(optimize.brentq(f, 0.0, hi, xtol=1e-15 * hi, rtol=1e-15))
+    return float(optimize.brentq(f, 0.0, hi, xtol=1e-15 * scale, rtol=1e-15))
 
 
 @dataclass(frozen=True)
