@@ -76,7 +76,7 @@ def test_fit_structure(rng, fake_sample, p: int, parameterization: str) -> None:
         assert post[name].dims == ("chain", "draw", *dims), name
     assert post.sizes["chain"] == 2 and post.sizes["draw"] == 400
     assert dt.log_likelihood["theta_hat"].dims == ("chain", "draw", "task")
-    assert set(dt.log_prior.data_vars) >= {"beta", "tau", "lam"}
+    assert set(dt.log_prior.data_vars) >= {"beta_z", "tau", "lam"}
     assert dt.posterior_predictive["theta_new"].dims == ("chain", "draw", "coef")
     xr.testing.assert_allclose(
         post["theta"], (post["beta"] + post["delta"]).transpose(*post["theta"].dims)
@@ -156,6 +156,32 @@ def test_remaining_divergences_warn(rng, monkeypatch: pytest.MonkeyPatch) -> Non
         fit = fit_bayes(summaries, target_accept=0.99, **MOCK)
     assert [c["target_accept"] for c in fake.calls] == [0.99, 0.995]
     assert fit.diagnostics["divergences"] == 2 and fit.diagnostics["problems"]
+
+
+def test_uncomputable_diagnostics_warn(rng, fake_sample) -> None:
+    # One chain has no R-hat (NaN), which compares False against every threshold: it used to
+    # pass without a word.
+    summaries, _ = make_summaries(rng, K=5, p=1)
+    with pytest.warns(ConvergenceWarning, match="R-hat not computable"):
+        fit = fit_bayes(summaries, draws=500, tune=10, chains=1, seed=1)
+    assert np.isnan(fit.diagnostics["max_rhat"])
+
+
+def test_effects_in_units_of_1e_minus_12_sample_cleanly() -> None:
+    # A bad-input helper's five tasks: with beta sampled in raw units every draw diverged and
+    # the pooled estimate was -0.135 (the truth is about 1.2e-12).
+    est = np.array([1.08, 1.31, 1.95, 0.90, 1.20]) * 1e-12
+    se = np.array([0.27, 0.33, 0.46, 0.30, 0.25]) * 1e-12
+    summaries = SummarySet(
+        [TaskSummary(f"t{k}", "ate", ("effect",), [e], [[s**2]], 100)
+         for k, (e, s) in enumerate(zip(est, se, strict=True))]
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # short run: ESS below 400
+        fit = fit_bayes(summaries, draws=300, tune=300, chains=2, seed=0)
+    assert fit.diagnostics["divergences"] == 0
+    # The fixed-effect centre is 1.17e-12 with standard error 0.13e-12.
+    assert 0.8e-12 < fit.result.beta.estimate[0] < 1.6e-12
 
 
 def test_low_ess_warns(rng, fake_sample) -> None:
@@ -395,13 +421,14 @@ def test_eight_schools_without_divergences_at_defaults(model: str) -> None:
 
 
 @pytest.mark.slow
-def test_posterior_is_scale_equivariant() -> None:
+@pytest.mark.parametrize("c", [250.0, 1e-12])
+def test_posterior_is_scale_equivariant(c: float) -> None:
     # Estimates x c and covariances x c^2 must multiply the posterior of beta and theta by c:
     # every prior scale is tied to the standard errors. Compared within 4 Monte Carlo
-    # standard errors of the two fits (independent chains, so not draw by draw).
+    # standard errors of the two fits (independent chains, so not draw by draw). At 1e-12 a
+    # beta sampled in raw units made every draw divergent; beta is now sampled in units of s.
     rng = np.random.default_rng(77)
     summaries, _ = make_summaries(rng, K=10, p=1, eta=0.5)
-    c = 250.0
     scaled = SummarySet(
         [
             TaskSummary(s.task, s.estimand, s.coef_names, c * s.theta_hat, c**2 * s.V, s.n)

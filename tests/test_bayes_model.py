@@ -73,8 +73,9 @@ def test_scales_are_median_standard_errors() -> None:
 
 def _reference_logp(spec, p, s, theta_hat, V, values, parameterization) -> float:
     """log p(values, theta_hat) of METHOD.md section 3, on the constrained scale."""
-    tau, beta = values["tau"], values["beta"]
-    out = stats.norm(0, spec.beta_scale * s).logpdf(beta).sum()
+    # beta is sampled in units of s: beta = s * beta_z, beta_z ~ Normal(0, beta_scale).
+    tau, beta = values["tau"], s * values["beta_z"]
+    out = stats.norm(0, spec.beta_scale).logpdf(values["beta_z"]).sum()
     out += stats.halfcauchy(scale=spec.global_scale).logpdf(tau)
     family = spec.deviation
     if family == "normal":

@@ -178,7 +178,7 @@ def test_power_scaling_matches_psense_summary(rng, fake_sample, p: int, caplog) 
     }
     for ours, prior_terms in (
         (power_scaling(fit, names, prior_var_names="all"), None),
-        (power_scaling(fit, names), ["beta", "tau", "c2"]),
+        (power_scaling(fit, names), ["beta_z", "tau", "c2"]),
     ):
         assert len(ours) == p + 1 + 4 * p
         # One variable at a time: arviz-stats 1.3.3 mislabels the rows of psense_summary when
@@ -307,6 +307,19 @@ def test_cli_writes_every_file_from_json_and_csv(rng, fake_sample, tmp_path: Pat
         *summaries.task_names, "b0", "b1", "b2",
     }  # fmt: skip
     assert fake_sample.calls[0]["draws"] == 400 and len(fake_sample.calls) == 4
+    assert (tmp_path / "o" / "power_scaling.png").is_file()
+
+    # --no-power-scaling writes everything else (it used to fail on the empty table) and
+    # removes the earlier run's power-scaling plot, which is not this run's.
+    again = _parser().parse_args(
+        ["sensitivity", str(json_path), "--models", "normal", "--global-scales", "1",
+         "--out", str(tmp_path / "o"), "--draws", "400", "--tune", "10", "--chains", "2",
+         "--no-power-scaling"]
+    )  # fmt: skip
+    assert again.func(again) == 0
+    assert not (tmp_path / "o" / "power_scaling.png").exists()
+    assert (tmp_path / "o" / "sensitivity.png").is_file()
+    assert len(pd.read_csv(tmp_path / "o" / "power_scaling.csv")) == 0
 
 
 def test_cli_errors_name_the_file(tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ DEFAULT_MODELS = ("horseshoe", "normal")
 #: Global scales tau_0 (in units of the tasks' standard errors) when none are given.
 DEFAULT_GLOBAL_SCALES = (0.1, 1.0, 10.0)
 #: Log-prior terms power-scaled by default: the top-level priors (not the local scales).
-TOP_LEVEL_PRIORS = ("beta", "tau", "c2")
+TOP_LEVEL_PRIORS = ("beta_z", "tau", "c2")  # beta_z: beta in units of standard errors
 #: Power-scaling sensitivity above this flags a prior or likelihood (Kallioinen et al. 2024).
 PSENSE_THRESHOLD = 0.05
 
@@ -249,19 +249,21 @@ class SensitivityResult:
                 staging / "power_scaling.csv", index=False, float_format="%.15g"
             )
             self.diagnostics.to_csv(staging / "diagnostics.csv", index=False, float_format="%.6g")
-            for name, make in (
-                ("sensitivity.png", self.plot),
-                ("sensitivity_tasks.png", self.plot_tasks),
-                ("power_scaling.png", self.plot_power_scaling),
-            ):
+            plots = [("sensitivity.png", self.plot), ("sensitivity_tasks.png", self.plot_tasks)]
+            if len(self.power_scaling):  # skipped with power_scaling_vars=None
+                plots.append(("power_scaling.png", self.plot_power_scaling))
+            for name, make in plots:
                 fig = make()
                 fig.savefig(staging / name, dpi=100)
                 plt.close(fig)
             (staging / "report.md").write_text(self.markdown(), encoding="utf-8")
             paths = {}
             for name in SENSITIVITY_FILES:
-                os.replace(staging / name, out / name)
-                paths[name] = out / name
+                if (staging / name).exists():
+                    os.replace(staging / name, out / name)
+                    paths[name] = out / name
+                elif (out / name).is_file():  # an earlier run's, not this run's: remove it
+                    (out / name).unlink()
             return paths
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -474,6 +474,19 @@ def _warn_problems(diagnostics: dict[str, Any], spec: ModelSpec) -> None:
             f"{diagnostics['divergences']} divergent transitions at target_accept="
             f"{diagnostics['target_accept']:.3f}"
         )
+    # A diagnostic that could not be computed (one chain, a handful of draws) is a problem too:
+    # NaN compares False against every threshold and would pass silently.
+    unknown = [
+        name
+        for name, key in (("R-hat", "max_rhat"), ("bulk ESS", "min_ess_bulk"),
+                          ("tail ESS", "min_ess_tail"))
+        if np.isnan(diagnostics[key])
+    ]  # fmt: skip
+    if unknown:
+        problems.append(
+            f"{', '.join(unknown)} not computable (R-hat needs at least 2 chains, ESS enough "
+            "draws): convergence is unchecked"
+        )
     if diagnostics["max_rhat"] > RHAT_MAX:
         problems.append(f"R-hat up to {diagnostics['max_rhat']:.3f} (> {RHAT_MAX})")
     for kind in ("bulk", "tail"):

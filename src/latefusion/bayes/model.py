@@ -87,7 +87,8 @@ def build_model(
     Returns
     -------
     pymc.Model
-        With coords ``task`` (K) and ``coef`` (p). Variables: ``beta`` (coef), ``tau``,
+        With coords ``task`` (K) and ``coef`` (p). Variables: ``beta_z`` (coef, beta in units
+        of s_j) and ``beta`` (coef), ``tau``,
         the family's local scales, ``sd_delta`` (task, coef), ``z`` or ``delta`` and
         ``theta`` (task, coef) unless marginalised, and the observed ``theta_hat``, whose
         log-likelihood has one term per task (dims ``task``).
@@ -115,7 +116,12 @@ def build_model(
     coords = {"task": list(summaries.task_names), "coef": list(summaries.coef_names)}
 
     with pm.Model(coords=coords) as model:
-        beta = pm.Normal("beta", mu=0.0, sigma=spec.beta_scale * s, dims="coef")
+        # beta in units of s (beta = s * beta_z), like tau and the local scales: every sampled
+        # variable is then free of the data's units, so NUTS's adaptation, which starts from
+        # unit scales, works alike for effects of size 1e-12 and 1e6 (with beta sampled in raw
+        # units, estimates near 1e-12 gave every draw divergent).
+        beta_z = pm.Normal("beta_z", mu=0.0, sigma=spec.beta_scale, dims="coef")
+        beta = pm.Deterministic("beta", beta_z * s, dims="coef")
         tau = pm.HalfCauchy("tau", beta=spec.global_scale)
 
         # Prior sd of each deviation given the scales, shape (K, p).
