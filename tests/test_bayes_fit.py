@@ -216,6 +216,16 @@ def test_few_tasks_and_bad_arguments(rng, fake_sample) -> None:
     nothing = SummarySet([TaskSummary.excluded("a", "ate", ("effect",), 10, "empty")])
     with pytest.raises(ValueError, match="no usable task"):
         fit_bayes(nothing)
+    # PyMC and nutpie answered these with ZeroDivisionError, OverflowError or IndexError.
+    for bad, match in (
+        ({"chains": 0}, "chains must be an integer >= 1, got 0"),
+        ({"draws": -5}, "draws must be an integer >= 1"),
+        ({"tune": -1}, "tune must be an integer >= 0"),
+        ({"draws": 2.5}, "draws must be an integer"),
+        ({"target_accept": 1.5}, "target_accept must be strictly between 0 and 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fit_bayes(summaries, **{**MOCK, **bad})
 
 
 HAS_NUTPIE = importlib.util.find_spec("nutpie") is not None

@@ -8,7 +8,9 @@ import xarray as xr
 
 from latefusion.cli import main
 from latefusion.datasets import simulate_rows
+from latefusion.dml.interop import summaries_from_table
 from latefusion.results import ESTIMATE_COLUMNS
+from latefusion.summaries import SummarySet
 
 pytestmark = pytest.mark.filterwarnings("ignore::latefusion.warnings.LateFusionWarning")
 
@@ -392,3 +394,49 @@ def test_report_tables_survive_newlines_and_pipes_in_task_names(tmp_path):
     rows = [ln for ln in (out / "report.md").read_text().splitlines() if "North" in ln]
     assert rows and all(ln.startswith("|") and ln.endswith("|") for ln in rows)
     assert any("East\\|West" in ln for ln in (out / "report.md").read_text().splitlines())
+
+
+def test_labels_that_pandas_reads_as_missing_are_names(tmp_path, capsys):
+    # Tasks called "NA" and "None" are sites, not missing labels; a summary table's task "null"
+    # likewise.
+    df, _ = simulate_rows(n_tasks=2, n=150, randomised=True, seed=2)
+    df["task"] = df["task"].map({"task00": "NA", "task01": "None"})
+    rows = tmp_path / "rows.csv"
+    df.to_csv(rows, index=False)
+    out = tmp_path / "s.json"
+    code = main(["summarize", str(rows), "--task", "task", "--treatment", "A", "--outcome", "Y",
+                 "--covariates", "x1", "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert SummarySet.read_json(out).task_names == ["NA", "None"]
+    table = tmp_path / "t.csv"
+    table.write_text("task,coef,estimate,std_error\nnull,effect,1.0,0.2\nNA,effect,1.2,0.3\n")
+    assert summaries_from_table(table).task_names == ["null", "NA"]
+
+
+def test_repeated_column_names_are_an_error(tmp_path, capsys):
+    # pandas renames the second "x1" to "x1.1" and the run used to take the first silently.
+    rows = tmp_path / "rows.csv"
+    rows.write_text("task,A,Y,x1,x1\nt,0,1.0,0.5,7\nt,1,2.0,0.1,8\n")
+    code = main(["summarize", str(rows), "--task", "task", "--treatment", "A", "--outcome", "Y",
+                 "--covariates", "x1", "--out", str(tmp_path / "s.json")])  # fmt: skip
+    assert code == 2
+    assert "column name(s) ['x1'] appear more than once" in capsys.readouterr().err
+
+
+def test_misspelt_treatment_with_plr_presets_is_a_clean_error(csv, tmp_path, capsys):
+    code = main(["summarize", str(csv), "--task", "task", "--treatment", "Treated", "--outcome",
+                 "Y", "--model", "plr", "--learner", "linear",
+                 "--out", str(tmp_path / "s.json")])  # fmt: skip
+    assert code == 2
+    assert "['Treated'] not found" in capsys.readouterr().err
+
+
+def test_a_modifier_named_intercept_is_refused(csv, tmp_path, capsys):
+    df = pd.read_csv(csv)
+    df["intercept"] = df["x3"]
+    df.to_csv(tmp_path / "i.csv", index=False)
+    code = main(["summarize", str(tmp_path / "i.csv"), "--task", "task", "--treatment", "A",
+                 "--outcome", "Y", "--covariates", "x1", "--modifiers", "intercept",
+                 "--out", str(tmp_path / "s.json")])  # fmt: skip
+    assert code == 2
+    assert "modifier column named 'intercept'" in capsys.readouterr().err

@@ -126,6 +126,14 @@ def test_zero_negative_or_non_finite_variance_names_the_task(bad):
         TaskSummary("x", "ate", ("effect",), [1.0], [[bad]], 10)
 
 
+def test_coefficient_names_must_be_distinct_names():
+    # Two coefficients of one name made estimates.csv rows that could not be told apart.
+    with pytest.raises(ValueError, match=r"task 'a': coefficient name\(s\) \['effect'\]"):
+        TaskSummary("a", "cate", ("effect", "effect"), [1.0, 2.0], np.eye(2), 10)
+    with pytest.raises(ValueError, match="not the string 'effect'"):
+        TaskSummary("a", "ate", "effect", [1.0], [[1.0]], 10)
+
+
 def test_shape_mismatch_names_the_task():
     with pytest.raises(ValueError, match="task 'x'.*2 coefficient names"):
         TaskSummary("x", "cate", ("intercept", "z"), [1.0], [[1.0]], 10)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from latefusion._argtypes import non_negative_int, positive_int
 from latefusion._version import __version__
 
 log = logging.getLogger("latefusion")
@@ -114,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         help="CSV inputs with several coefficients per task and no cov_*/corr_* columns: "
         "treat the coefficients as uncorrelated (otherwise an error)",
     )
-    fuse.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    fuse.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     _add_fusion_options(fuse, model_alias=True)
     fuse.add_argument("--out", type=Path, required=True, help="output directory")
     fuse.set_defaults(func=_cmd_fuse)
@@ -127,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         "fused across schools. Needs the 'data' extra (pip install 'latefusion[data]').",
     )
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output directory")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     demo.add_argument("--jobs", type=int, default=-1, help="tasks in parallel (default: all)")
     _add_fusion_options(demo)
     demo.set_defaults(func=_cmd_demo)
@@ -138,13 +139,6 @@ def _parser() -> argparse.ArgumentParser:
     add_sensitivity_parser(sub)
     add_simulate_parser(sub)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -191,10 +185,10 @@ def _add_estimation_options(p: argparse.ArgumentParser) -> None:
         help="nuisance learners (default: by task size)",
     )
     g.add_argument(
-        "--n-folds", type=_positive_int, default=5, help="cross-fitting folds (default 5)"
+        "--n-folds", type=positive_int, default=5, help="cross-fitting folds (default 5)"
     )
     g.add_argument(
-        "--n-rep", type=_positive_int, default=1, help="repeated splits (median; default 1)"
+        "--n-rep", type=positive_int, default=1, help="repeated splits (median; default 1)"
     )
     g.add_argument(
         "--min-folds",
@@ -212,7 +206,7 @@ def _add_estimation_options(p: argparse.ArgumentParser) -> None:
         "task-specific deviations (rows of all tasks used together)",
     )
     g.add_argument("--jobs", type=int, default=-1, help="tasks in parallel (default: all)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
 
 
 def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -> None:
@@ -241,12 +235,12 @@ def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -
     )
     g.add_argument("--no-bayes", action="store_true", help="skip the Bayesian model")
     g.add_argument(
-        "--draws", type=_positive_int, default=1000, help="posterior draws per chain (default 1000)"
+        "--draws", type=positive_int, default=1000, help="posterior draws per chain (default 1000)"
     )
     g.add_argument(
-        "--tune", type=_positive_int, default=1000, help="tuning steps per chain (default 1000)"
+        "--tune", type=positive_int, default=1000, help="tuning steps per chain (default 1000)"
     )
-    g.add_argument("--chains", type=_positive_int, default=4, help="MCMC chains (default 4)")
+    g.add_argument("--chains", type=positive_int, default=4, help="MCMC chains (default 4)")
     g.add_argument(
         "--sampler",
         choices=["auto", "pymc", "nutpie"],
@@ -326,10 +320,12 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 def _read_csv(path: Path, task_col: str) -> pd.DataFrame:
     """Read the rows; task labels stay text, so "1", "1.0" and "01" remain three tasks."""
+    from latefusion._csv import read_labelled_csv
+
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:
-        return pd.read_csv(path, dtype={task_col: str})
+        return read_labelled_csv(path, [task_col])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not a readable CSV file: {exc}") from None
 
@@ -343,7 +339,12 @@ def _estimate(data: pd.DataFrame, args: argparse.Namespace):
     if propensity not in ("estimate", "design"):
         propensity, propensity_col = "design", args.propensity
     ml_outcome, ml_treatment = learner_preset(args.learner)
-    if args.model == "plr" and args.treated is None and ml_treatment is not None:
+    if (
+        args.model == "plr"
+        and args.treated is None
+        and ml_treatment is not None
+        and args.treatment in data.columns  # a missing column is reported by prepare_data
+    ):
         a = pd.to_numeric(data[args.treatment], errors="coerce").dropna()
         if not a.isin([0, 1]).all():  # a continuous treatment: E[A|X] is a regression
             ml_treatment = ml_outcome

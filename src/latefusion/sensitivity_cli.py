@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from latefusion._argtypes import non_negative_int, positive_int, probability
 from latefusion.sensitivity import DEFAULT_GLOBAL_SCALES, DEFAULT_MODELS
 from latefusion.summaries import read_summary_files
 
@@ -75,12 +76,12 @@ def add_sensitivity_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="project a covariance that is not positive definite instead of refusing it",
     )
     g = p.add_argument_group("sampling")
-    g.add_argument("--draws", type=int, default=1000, help="posterior draws per chain")
-    g.add_argument("--tune", type=int, default=1000, help="tuning steps per chain")
-    g.add_argument("--chains", type=int, default=4, help="MCMC chains")
-    g.add_argument("--cores", type=int, help="processes to sample in (default: PyMC's)")
-    g.add_argument("--target-accept", type=float, default=0.95, help="NUTS target acceptance")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--draws", type=positive_int, default=1000, help="posterior draws per chain")
+    g.add_argument("--tune", type=non_negative_int, default=1000, help="tuning steps per chain")
+    g.add_argument("--chains", type=positive_int, default=4, help="MCMC chains")
+    g.add_argument("--cores", type=positive_int, help="processes to sample in (default: PyMC's)")
+    g.add_argument("--target-accept", type=probability, default=0.95, help="NUTS target acceptance")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.set_defaults(func=cmd_sensitivity)
     return p

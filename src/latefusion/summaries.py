@@ -76,6 +76,11 @@ class TaskSummary:
     def __post_init__(self) -> None:
         theta_hat = np.asarray(self.theta_hat, dtype=float).reshape(-1)
         V = np.asarray(self.V, dtype=float)
+        if isinstance(self.coef_names, str):  # tuple("effect") would be six names
+            raise ValueError(
+                f"task {self.task!r}: coef_names must be a sequence of names, not the string "
+                f"{self.coef_names!r}"
+            )
         p = len(self.coef_names)
         if V.ndim == 0 or V.size == 1:
             V = V.reshape(1, 1)
@@ -84,6 +89,12 @@ class TaskSummary:
         object.__setattr__(self, "theta_hat", theta_hat)
         object.__setattr__(self, "V", V)
         object.__setattr__(self, "diagnostics", dict(self.diagnostics))
+        repeated = sorted({c for c in self.coef_names if self.coef_names.count(c) > 1})
+        if repeated:
+            raise ValueError(
+                f"task {self.task!r}: coefficient name(s) {repeated} appear more than once; "
+                "every coefficient needs its own name"
+            )
         if self.status not in (STATUS_OK, STATUS_EXCLUDED):
             raise ValueError(f"task {self.task!r}: unknown status {self.status!r}")
         if theta_hat.shape != (p,) or V.shape != (p, p):

@@ -212,6 +212,7 @@ def fit_bayes(
     spec = load_spec(model)
     parameterization = resolve_parameterization(spec, parameterization)
     nuts_sampler = _choose_sampler(sampler)
+    _check_sampling(draws, tune, chains, target_accept)
     _check_tasks(summaries)
     pm_model = build_model(summaries, spec, parameterization)
     seeds = np.random.SeedSequence(seed).generate_state(3)
@@ -335,6 +336,15 @@ def _cores(nuts_sampler: str, cores: int | None, chains: int) -> dict[str, Any]:
         if out["cores"] > 1 and chains > 1:
             out["mp_ctx"] = MP_CONTEXT
     return out
+
+
+def _check_sampling(draws: Any, tune: Any, chains: Any, target_accept: Any) -> None:
+    """Clear errors for settings PyMC and nutpie fail on with tracebacks."""
+    for name, value, least in (("draws", draws, 1), ("tune", tune, 0), ("chains", chains, 1)):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not isinstance(target_accept, int | float) or not 0 < target_accept < 1:
+        raise ValueError(f"target_accept must be strictly between 0 and 1, got {target_accept!r}")
 
 
 def _check_tasks(summaries: SummarySet) -> None:

@@ -470,7 +470,9 @@ def _read_table(path: Path, task_col: str, coef_col: str) -> pd.DataFrame:
         raise ValueError(f"cannot read {path}: expected a .csv or .tsv file (optionally .gz)")
     sep = "\t" if ext == ".tsv" else ","
     # labels as text: task "007" must not become the number 7
-    return pd.read_csv(path, sep=sep, dtype={task_col: str, coef_col: str})
+    from latefusion._csv import read_labelled_csv
+
+    return read_labelled_csv(path, [task_col, coef_col], sep=sep)
 
 
 def _numeric(df: pd.DataFrame, col: str, where: str) -> np.ndarray:

@@ -371,6 +371,11 @@ def prepare_data(
 
     X, X_cols = _encode(df, covariates, "covariate")
     Z, Z_cols = _encode(df, modifiers, "modifier")
+    if "intercept" in Z_cols:
+        raise ValueError(
+            "a modifier column named 'intercept' would share its name with the conditional "
+            "effect's intercept coefficient; rename the column"
+        )
     frame = pd.concat(
         [df[[task_col, treatment, outcome]], X, Z.drop(columns=X_cols, errors="ignore")]
         + [df[[c]] for c in (propensity_col, cluster_col) if c is not None and c not in X],

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from latefusion._argtypes import non_negative_int, positive_int
 from latefusion.simulation.designs import OUTCOMES, TREATMENTS, Design
 from latefusion.simulation.study import DEFAULT_METHODS, NUISANCE_MODES, StudySettings, run_study
 
@@ -39,7 +40,9 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         metavar="ETA",
         help=f"heterogeneity values (default {' '.join(map(str, DEFAULT_ETAS))})",
     )
-    p.add_argument("--reps", type=int, default=100, help="repetitions per eta (default 100)")
+    p.add_argument(
+        "--reps", type=positive_int, default=100, help="repetitions per eta (default 100)"
+    )
     p.add_argument(
         "--methods",
         nargs="+",
@@ -64,14 +67,14 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         help="generate rows and run DML (default), or draw summaries directly (fast)",
     )
     p.add_argument("--jobs", type=int, default=1, help="repetitions in parallel (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="study seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="study seed (default 0)")
     p.add_argument("--no-plot", action="store_true", help="do not write mse.png")
 
     g = p.add_argument_group("design")
-    g.add_argument("--tasks", type=int, default=20, help="K (default 20)")
-    g.add_argument("--n", type=int, default=200, help="rows per task (default 200)")
+    g.add_argument("--tasks", type=positive_int, default=20, help="K (default 20)")
+    g.add_argument("--n", type=positive_int, default=200, help="rows per task (default 200)")
     g.add_argument("--n-ratio", type=float, default=1.0, help="largest / smallest task size")
-    g.add_argument("--p", type=int, default=1, help="coefficients per task (default 1)")
+    g.add_argument("--p", type=positive_int, default=1, help="coefficients per task (default 1)")
     g.add_argument("--outlier-share", type=float, default=0.0, help="share of outlier tasks")
     g.add_argument("--outlier-shift", type=float, default=2.0, help="outliers' distance")
     g.add_argument(
@@ -82,10 +85,12 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     g.add_argument("--outcome", choices=OUTCOMES, default="continuous")
     g.add_argument("--treatment", choices=TREATMENTS, default="randomised")
-    g.add_argument("--n-covariates", type=int, default=5, help="confounders (default 5)")
+    g.add_argument("--n-covariates", type=positive_int, default=5, help="confounders (default 5)")
     g.add_argument("--noise", type=float, default=1.0, help="outcome noise sd (default 1)")
     g.add_argument("--signal", type=float, default=1.0, help="baseline outcome scale")
-    g.add_argument("--design-seed", type=int, default=0, help="seed of the task parameters")
+    g.add_argument(
+        "--design-seed", type=non_negative_int, default=0, help="seed of the task parameters"
+    )
 
     e = p.add_argument_group("estimation and fusion")
     e.add_argument("--model", choices=["irm", "plr"], default="irm", help="per-task DML model")
@@ -97,11 +102,19 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "learners by task size); here the default is linear, the fastest",
     )
     e.add_argument("--propensity", choices=["auto", "design", "estimate"], default="auto")
-    e.add_argument("--n-folds", type=int, default=5, help="cross-fitting folds (default 5)")
-    e.add_argument("--n-boot", type=int, default=200, help="adaptive bootstrap replicates")
-    e.add_argument("--draws", type=int, default=500, help="MCMC draws per chain (default 500)")
-    e.add_argument("--tune", type=int, default=500, help="MCMC tuning steps (default 500)")
-    e.add_argument("--chains", type=int, default=2, help="MCMC chains (default 2)")
+    e.add_argument(
+        "--n-folds", type=positive_int, default=5, help="cross-fitting folds (default 5)"
+    )
+    e.add_argument(
+        "--n-boot", type=non_negative_int, default=200, help="adaptive bootstrap replicates"
+    )
+    e.add_argument(
+        "--draws", type=positive_int, default=500, help="MCMC draws per chain (default 500)"
+    )
+    e.add_argument(
+        "--tune", type=non_negative_int, default=500, help="MCMC tuning steps (default 500)"
+    )
+    e.add_argument("--chains", type=positive_int, default=2, help="MCMC chains (default 2)")
     e.add_argument(
         "--sampler",
         choices=["auto", "pymc", "nutpie"],
