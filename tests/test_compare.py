@@ -231,7 +231,7 @@ def test_plot_task_posteriors(run_and_fit, rng) -> None:
     with pytest.raises(ValueError, match="coefficient 'nope'"):
         plot_task_posteriors(normal, coef="nope")
     with pytest.raises(ValueError, match="no Bayesian fit"):
-        plot_task_posteriors(fuse_summaries(summaries, bayes=False, n_boot=10))
+        plot_task_posteriors(fuse_summaries(summaries, bayes=False, n_boot=20))
 
 
 # ArviZ on our DataTrees, as they are -----------------------------------------------------------

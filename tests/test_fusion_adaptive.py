@@ -8,7 +8,7 @@ from scipy import optimize
 
 from latefusion.fusion import _armul, adaptive, check_optimality, fixed_effect, sure_path
 from latefusion.fusion.adaptive import _sure_se, _sure_terms_path
-from latefusion.warnings import FewTasksWarning
+from latefusion.warnings import FewTasksWarning, LateFusionWarning
 from test_fusion_data import random_problem, summaries_from
 
 SEEDS = range(4)
@@ -361,3 +361,11 @@ def test_centre_interval_covers_the_population_mean_under_large_heterogeneity(rn
         res = adaptive(summaries_from(theta_hat, V), n_boot=50, seed=rng)
         hits.append(res.beta.lower[0] <= 1.0 <= res.beta.upper[0])
     assert np.mean(hits) >= 0.90
+
+
+def test_too_few_bootstrap_draws_warn(rng):
+    _, theta_hat, V = random_problem(rng, K=6, p=1, spread=1.0)
+    with pytest.warns(LateFusionWarning, match="n_boot=1 bootstrap draws"):
+        adaptive(summaries_from(theta_hat, V), n_boot=1, seed=0)
+    with pytest.raises(ValueError, match="n_boot must be >= 0"):
+        adaptive(summaries_from(theta_hat, V), n_boot=-1)

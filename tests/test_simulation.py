@@ -389,3 +389,16 @@ def test_simulate_command(tmp_path, capsys):
     # The same command again finds everything finished.
     assert cmd_simulate(parser.parse_args(argv)) == 0
     assert "0 repetitions run, 4 already finished" in capsys.readouterr().err
+
+
+def test_simulate_command_says_when_methods_fail(tmp_path, capsys):
+    # Tasks of 5 rows are all excluded: every repetition fails. The table used to be all NaN
+    # with exit status 0 and nothing said.
+    parser = argparse.ArgumentParser()
+    add_simulate_parser(parser.add_subparsers(dest="command"))
+    argv = ["simulate", "--out", str(tmp_path / "sim"), "--etas", "0.1", "--reps", "2",
+            "--tasks", "3", "--n", "5", "--methods", "itl", "--no-plot"]  # fmt: skip
+    assert cmd_simulate(parser.parse_args(argv)) == 1
+    err = capsys.readouterr().err
+    assert "itl at eta = 0.1: 2 of 2 repetitions failed, 6 task estimates missing" in err
+    assert "every task is excluded" in err and "errors.csv.gz" in err

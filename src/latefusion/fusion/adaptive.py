@@ -12,7 +12,7 @@ from latefusion.fusion.baselines import _check_level, _stamp
 from latefusion.fusion.random_effects import q_profile
 from latefusion.results import FusionResult, Interval
 from latefusion.summaries import SummarySet
-from latefusion.warnings import ConvergenceWarning, FewTasksWarning
+from latefusion.warnings import ConvergenceWarning, FewTasksWarning, LateFusionWarning
 
 __all__ = ["C_RULES", "adaptive", "sure_path"]
 
@@ -29,6 +29,10 @@ WORLD_TAU2_LEVEL = 0.8
 
 #: Bootstrap replicates are solved in batches of about this many numbers (B * K * p).
 _BATCH_SIZE = 2_000_000
+
+
+#: Fewer bootstrap draws than this give a warning: their root mean squared error is noise.
+MIN_BOOT = 20
 
 
 def adaptive(
@@ -53,7 +57,8 @@ def adaptive(
     level : float, default=0.95
         Level of the intervals.
     n_boot : int, default=200
-        Bootstrap replicates for standard errors and intervals; 0 skips them (NaN).
+        Bootstrap replicates for standard errors and intervals; 0 skips them (NaN); fewer than
+        :data:`MIN_BOOT` (20) warn.
     seed : int or numpy.random.Generator, optional
         Seed of the bootstrap.
 
@@ -138,6 +143,14 @@ def adaptive(
     _check_level(level)
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
+    if 0 < n_boot < MIN_BOOT:
+        warnings.warn(
+            f"adaptive: n_boot={n_boot} bootstrap draws; standard errors and intervals from "
+            f"fewer than {MIN_BOOT} are unreliable (one draw gave a pooled standard error 7 "
+            "times too small)",
+            LateFusionWarning,
+            stacklevel=2,
+        )
     theta_orig, V_orig, _ = summaries.arrays()
     K, p = theta_orig.shape
     # Work in standard units: estimates centred at their coordinate-wise median and divided,

@@ -181,4 +181,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"wrote {', '.join(res.paths)} to {args.out} in {seconds:.0f} s.",
         file=sys.stderr,
     )
-    return 0
+    return _report_failures(res.summary, args.out)
+
+
+def _report_failures(summary, out: Path) -> int:
+    """Say which methods failed or lost tasks; 1 when a method has no result at some eta."""
+    from latefusion.simulation.study import read_errors
+
+    bad = summary[(summary["n_failed"] > 0) | (summary["n_missing"] > 0)]
+    if bad.empty:
+        return 0
+    errors = read_errors(out)
+    messages = errors["error"].fillna("").astype(str) if "error" in errors else None
+    for row in bad.itertuples():
+        text = f"warning: {row.method} at eta = {row.eta:g}: "
+        text += f"{row.n_failed} of {row.n_reps} repetitions failed"
+        if row.n_missing:
+            text += f", {row.n_missing} task estimates missing"
+        if messages is not None:
+            mine = messages[(errors["method"] == row.method) & (messages != "")]
+            if len(mine):
+                text += f" (first error: {mine.iloc[0]})"
+        print(text, file=sys.stderr)
+    print(f"the errors are in {out / 'errors.csv.gz'}, column 'error'", file=sys.stderr)
+    return 1 if (bad["n_failed"] == bad["n_reps"]).any() else 0
