@@ -13,7 +13,7 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from latefusion.datasets import simulate_rows
 from latefusion.dml import DMLSettings, _scores, estimate_task, estimate_tasks
 from latefusion.dml._folds import make_folds
-from latefusion.warnings import ClippedPropensityWarning
+from latefusion.warnings import ClippedPropensityWarning, LateFusionWarning
 
 dml = pytest.importorskip("doubleml")
 
@@ -248,6 +248,16 @@ def test_string_treatment_needs_the_treated_value(rng):
     ss = estimate_tasks(df, "task", "arm", "Y", xcols, treated="small")
     ref = estimate_tasks(df, "task", "A", "Y", xcols)
     np.testing.assert_array_equal(ss.arrays()[0], ref.arrays()[0])
+
+
+def test_a_third_treatment_value_is_named_when_it_becomes_control(rng):
+    df, xcols = _small_frame(rng)
+    df["arm"] = np.where(df["A"] == 1, "small", "regular")
+    df.loc[df.index[:5], "arm"] = "aide"
+    with pytest.warns(LateFusionWarning, match=r"\['aide', 'regular'\] are all taken as control"):
+        estimate_tasks(df, "task", "arm", "Y", xcols, treated="small")
+    with pytest.raises(ValueError, match="treated and control values are both 'small'"):
+        estimate_tasks(df, "task", "arm", "Y", xcols, treated="small", control="small")
 
 
 def test_constant_outcome_gives_excluded_task_not_zero_standard_error(rng):

@@ -245,6 +245,20 @@ def test_one_triangle_of_correlations_is_enough():
         np.testing.assert_allclose(t.V, s.V, rtol=1e-12)
 
 
+def test_text_or_impossible_values_in_covariance_columns_are_errors():
+    # 'abc' in a variance cell was replaced by std_error^2 without a word, and a correlation of
+    # 5 of a coefficient with itself was accepted.
+    table = summaries_to_table(_two_coef_set(), covariance=True)
+    table["cov_intercept"] = table["cov_intercept"].astype(object)
+    table.loc[0, "cov_intercept"] = "abc"
+    with pytest.raises(ValueError, match="column 'cov_intercept' holds 'abc', which is not a"):
+        summaries_from_table(table)
+    one = pd.DataFrame({"task": ["a", "b"], "coef": "effect", "estimate": [1.0, 1.2],
+                        "std_error": 0.2, "corr_effect": [5.0, np.nan]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"task 'a'.*correlation \[5.0\] with itself"):
+        summaries_from_table(one)
+
+
 def test_several_coefficients_need_a_covariance_or_an_explicit_independence():
     table = summaries_to_table(_two_coef_set(), covariance=False)
     with pytest.raises(ValueError, match=r"add columns \['cov_intercept', 'cov_z'\]"):

@@ -517,13 +517,25 @@ def _covariance_columns(
 
 def _task_covariance(df, rows, order, s, kind, cov_cols, task, where) -> np.ndarray:
     p = len(order)
-    if kind is None or (p == 1 and kind == "corr"):
+    if kind is None:
         return np.diag(s**2)
-    M = np.array(
-        [[pd.to_numeric(df[cov_cols[c]].iloc[r], errors="coerce") for c in order] for r in rows],
-        dtype=float,
-    )
+    raw = [[df[cov_cols[c]].iloc[r] for c in order] for r in rows]
+    M = np.array([[pd.to_numeric(x, errors="coerce") for x in row] for row in raw], dtype=float)
+    for i, j in zip(*np.nonzero(np.isnan(M)), strict=True):
+        if not (pd.isna(raw[i][j]) or str(raw[i][j]).strip() == ""):
+            raise ValueError(
+                f"task {task!r}, coefficient {order[i]!r}{where}: column {cov_cols[order[j]]!r} "
+                f"holds {raw[i][j]!r}, which is not a number"
+            )
     if kind == "corr":
+        diagonal = np.diag(M)
+        if np.any(~np.isnan(diagonal) & ~np.isclose(diagonal, 1.0, rtol=0, atol=TABLE_RTOL)):
+            raise ValueError(
+                f"task {task!r}{where}: the corr_ columns give a coefficient a correlation "
+                f"{diagonal.tolist()} with itself; it must be 1 (or left empty)"
+            )
+        if p == 1:
+            return np.diag(s**2)
         M = M * np.outer(s, s)
     for i in range(p):
         if np.isnan(M[i, i]):

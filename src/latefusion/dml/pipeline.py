@@ -15,7 +15,7 @@ from joblib import Parallel, delayed, parallel_config
 from latefusion._version import __version__
 from latefusion.dml.task import DMLSettings, estimate_task, task_seeds
 from latefusion.summaries import SummarySet, TaskSummary
-from latefusion.warnings import TaskExcludedWarning
+from latefusion.warnings import LateFusionWarning, TaskExcludedWarning
 
 __all__ = ["estimate_tasks", "prepare_data"]
 
@@ -420,7 +420,18 @@ def _code_treatment(df, treatment, task_col, treated, control):
             f"treated value {treated!r} not found in column {treatment!r} (values "
             f"{_few(sorted(map(str, values)))})"
         )
+    if control is None and len(values) > 2:
+        controls = sorted(map(str, values - {treated}))
+        warnings.warn(
+            f"treatment column {treatment!r} has {len(values)} values: with treated={treated!r} "
+            f"alone, the values {_few(controls)} are all taken as control; give the control "
+            "value (control=..., --control VALUE) to compare two of them",
+            LateFusionWarning,
+            stacklevel=2,
+        )
     if control is not None:
+        if control == treated:
+            raise ValueError(f"the treated and control values are both {treated!r}")
         if control not in values:
             raise ValueError(f"control value {control!r} not found in column {treatment!r}")
         keep = a.isin([treated, control])
