@@ -369,3 +369,10 @@ def test_too_few_bootstrap_draws_warn(rng):
         adaptive(summaries_from(theta_hat, V), n_boot=1, seed=0)
     with pytest.raises(ValueError, match="n_boot must be >= 0"):
         adaptive(summaries_from(theta_hat, V), n_boot=-1)
+
+
+def test_a_standard_error_beyond_1e12_times_the_others_is_named():
+    # A standard error of 1e100 among tasks of 0.3 stopped the solver with ZeroDivisionError.
+    y, v = np.array([1.0, 1.3, 1.9]), np.array([0.27, 0.33, 1e100]) ** 2
+    with pytest.raises(ValueError, match=r"adaptive: task 'task2' has a standard error 3.03e\+100"):
+        adaptive(summaries_from(y, v))
