@@ -440,3 +440,27 @@ def test_a_modifier_named_intercept_is_refused(csv, tmp_path, capsys):
                  "--out", str(tmp_path / "s.json")])  # fmt: skip
     assert code == 2
     assert "modifier column named 'intercept'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["interrupt", "sigterm"])
+def test_interrupt_and_sigterm_end_cleanly(tmp_path, capsys, monkeypatch, how):
+    # Ctrl-C printed a traceback; SIGTERM killed the process before the staging directory of
+    # the outputs was removed.
+    import os
+    import signal
+    import time
+
+    import latefusion.cli as cli
+
+    def stop(args):
+        if how == "interrupt":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_fuse", stop)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["fuse", "x.json", "--out", str(tmp_path / "o")]) == 130
+    assert "latefusion: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # restored

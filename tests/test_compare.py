@@ -81,6 +81,20 @@ def test_compare_summaries_gives_every_frequentist_method(rng) -> None:
     assert set(table["level"]) == {"pooled", "new_task", "task"}
 
 
+def test_run_results_by_name_and_fused_tasks_by_task(run_and_fit) -> None:
+    summaries, run, _ = run_and_fit
+    assert run.result("adaptive").method == "adaptive"
+    assert run.result("bayes_horseshoe") is run.bayes.result
+    with pytest.raises(KeyError, match="no method 'lasso'"):
+        run.result("lasso")
+    fused = run.fused_tasks()
+    usable = [s.task for s in summaries.usable()]
+    assert list(fused.index) == usable and len(usable) == len(summaries) - 1
+    assert fused.tolist() == list(run.result("adaptive").info["fused"])
+    with pytest.raises(TypeError, match="summaries must be a SummarySet .* got list"):
+        fuse_summaries(list(summaries))
+
+
 def test_compare_run_and_fit(run_and_fit) -> None:
     summaries, run, normal = run_and_fit
     table = compare(run, normal)

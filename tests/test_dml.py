@@ -404,3 +404,9 @@ def test_a_modifier_is_a_nuisance_covariate_even_when_not_listed_as_one(rng):
         np.testing.assert_array_equal(a.theta_hat, b.theta_hat)
         np.testing.assert_array_equal(a.V, b.V)
     assert alone.meta["columns"]["covariates_encoded"] == ["x1", "z"]
+
+
+def test_a_string_where_a_list_of_columns_is_expected_is_named(rng):
+    df, _ = _small_frame(rng)
+    with pytest.raises(TypeError, match="covariates must be a list of column names, not the"):
+        estimate_tasks(df, "task", "A", "Y", "x1")

@@ -66,6 +66,21 @@ def test_written_file_has_the_usual_mode_and_no_temporary_left(tmp_path, rng):
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
 
 
+def test_malformed_numbers_and_diagnostics_name_the_file_and_task(tmp_path, rng):
+    # A 400-digit integer was an OverflowError traceback; a non-count rows_dropped failed only
+    # when the report was written, after all the fusion, naming nothing.
+    doc = json.loads(_set(rng).to_json(tmp_path / "s.json").read_text())
+    task = doc["tasks"][0]["task"]
+    huge = json.dumps(doc).replace('"estimate": [', '"estimate": [1' + "0" * 400 + ", ", 1)
+    (tmp_path / "huge.json").write_text(huge)
+    with pytest.raises(ValueError, match=f"task '{task}' in .*huge.json: malformed numbers"):
+        SummarySet.read_json(tmp_path / "huge.json")
+    doc["tasks"][0]["diagnostics"] = {"rows_dropped": "some"}
+    (tmp_path / "diag.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="diagnostic 'rows_dropped' must be a count, got 'some'"):
+        SummarySet.read_json(tmp_path / "diag.json")
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -35,11 +36,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("default")
     warnings.showwarning = _show_warning
+    # SIGTERM (a scheduler's time limit, `kill`) unwinds like Ctrl-C, so that the outputs' staging
+    # directory is removed and earlier outputs stay as they were.
+    previous = _terminate_as_interrupt()
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as exc:
+    except (ValueError, TypeError, OSError, ImportError, NotImplementedError, OverflowError) as exc:
         print(f"latefusion: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("latefusion: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt (main thread only); return the previous handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

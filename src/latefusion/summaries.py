@@ -35,6 +35,17 @@ STATUS_OK = "ok"
 STATUS_EXCLUDED = "excluded"
 
 
+#: Diagnostics that are counts of units, rows or folds (the report shows them as integers).
+_COUNT_DIAGNOSTICS = (
+    "n_treated",
+    "n_control",
+    "n_folds",
+    "clipped_treated",
+    "clipped_control",
+    "rows_dropped",
+)
+
+
 @dataclass(frozen=True)
 class TaskSummary:
     """Summary of one task.
@@ -184,11 +195,17 @@ class TaskSummary:
             theta_hat = np.array([_unfloat(x) for x in d["estimate"]], dtype=float)
             V = np.array([[_unfloat(x) for x in row] for row in d["covariance"]], dtype=float)
             n = int(d["n"])
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"task {task!r}{where}: malformed numbers ({exc})") from None
         diagnostics = d.get("diagnostics", {})
         if not isinstance(diagnostics, Mapping):
             raise ValueError(f"task {task!r}{where}: 'diagnostics' is not an object")
+        for key in _COUNT_DIAGNOSTICS:
+            value = diagnostics.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(
+                    f"task {task!r}{where}: diagnostic {key!r} must be a count, got {value!r}"
+                )
         status = d.get("status", STATUS_OK)
         if project_psd and status == STATUS_OK and V.ndim == 2 and V.shape[0] == V.shape[1] > 1:
             # -inf (a variance that is not positive and finite) is left for the checks to refuse.
@@ -355,7 +372,7 @@ class SummarySet:
             raise ValueError(f"summary file {path} is not valid JSON: {what}") from None
         try:
             return cls.from_dict(d, source=str(path), project_psd=project_psd)
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             msg = str(exc)
             raise ValueError(msg if str(path) in msg else f"{path}: {msg}") from None
 

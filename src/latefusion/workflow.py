@@ -64,6 +64,18 @@ class FusionRun:
         """The tidy table of every method (columns of ``estimates.csv``)."""
         return estimates_table(self.results)
 
+    def result(self, method: str) -> FusionResult:
+        """The result of one method by name (``"adaptive"``, ``"bayes_horseshoe"``, ...)."""
+        for r in self.results:
+            if r.method == method:
+                return r
+        raise KeyError(f"no method {method!r}; this run has {[r.method for r in self.results]}")
+
+    def fused_tasks(self) -> pd.Series:
+        """Whether the adaptive fit fused each usable task exactly with the centre (by task)."""
+        fused = self.result("adaptive").info["fused"]
+        return pd.Series(fused, index=[s.task for s in self.summaries.usable()], name="fused")
+
     def heterogeneity(self) -> pd.DataFrame:
         """Between-task heterogeneity per coefficient and random-effects method.
 
@@ -249,6 +261,11 @@ def fuse_summaries(
         Random-effects intervals of the centre and the new task with the Knapp-Hartung
         adjustment (t with K - 1 degrees of freedom, scaled variance) instead of normal ones.
     """
+    if not isinstance(summaries, SummarySet):
+        raise TypeError(
+            f"summaries must be a SummarySet (estimate_tasks, SummarySet.read_json), got "
+            f"{type(summaries).__name__}"
+        )
     started = time.perf_counter()
     results = [
         itl(summaries),

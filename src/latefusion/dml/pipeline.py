@@ -294,6 +294,9 @@ def prepare_data(
     """
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    for name, value in (("covariates", covariates), ("modifiers", modifiers)):
+        if isinstance(value, str):  # list("x1") would be the columns "x" and "1"
+            raise TypeError(f"{name} must be a list of column names, not the string {value!r}")
     # Modifiers are nuisance covariates too (see estimate_tasks).
     added = [m for m in modifiers if m not in covariates]
     if added:
