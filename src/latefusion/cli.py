@@ -150,7 +150,12 @@ def _parser() -> argparse.ArgumentParser:
         "estimated within each of the 79 Project STAR schools (randomised within school) and "
         "fused across schools. Needs the 'data' extra (pip install 'latefusion[data]').",
     )
-    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="output directory (default demo-output)")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-output"),
+        help="output directory (default demo-output)",
+    )
     demo.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     demo.add_argument("--jobs", type=int, default=-1, help="tasks in parallel (default: all)")
     _add_fusion_options(demo)
