@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["non_negative_int", "positive_int", "probability"]
+__all__ = ["add_sampling_options", "non_negative_int", "positive_int", "probability"]
 
 
 def positive_int(text: str) -> int:
@@ -29,3 +29,28 @@ def probability(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
     return value
+
+
+def add_sampling_options(
+    group: argparse._ArgumentGroup | argparse.ArgumentParser, draws: int, tune: int, chains: int
+) -> None:
+    """``--draws``, ``--tune``, ``--chains`` and ``--sampler`` with the command's defaults."""
+    group.add_argument(
+        "--draws", type=positive_int, default=draws, help=f"draws per chain (default {draws})"
+    )
+    group.add_argument(
+        "--tune",
+        type=non_negative_int,
+        default=tune,
+        help=f"tuning steps per chain (default {tune})",
+    )
+    group.add_argument(
+        "--chains", type=positive_int, default=chains, help=f"MCMC chains (default {chains})"
+    )
+    group.add_argument(
+        "--sampler",
+        choices=["auto", "pymc", "nutpie"],
+        default="auto",
+        help="NUTS implementation: 'auto' (default) is nutpie when it is installed (the 'fast' "
+        "and 'dev' extras), else PyMC's; the two give different draws from the same seed",
+    )

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from latefusion._argtypes import non_negative_int, positive_int
+from latefusion._argtypes import add_sampling_options, non_negative_int, positive_int
 from latefusion._version import __version__
 
 log = logging.getLogger("latefusion")
@@ -262,20 +262,7 @@ def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -
         help="Bayesian model: a catalogue name or a .toml spec file",
     )
     g.add_argument("--no-bayes", action="store_true", help="skip the Bayesian model")
-    g.add_argument(
-        "--draws", type=positive_int, default=1000, help="posterior draws per chain (default 1000)"
-    )
-    g.add_argument(
-        "--tune", type=positive_int, default=1000, help="tuning steps per chain (default 1000)"
-    )
-    g.add_argument("--chains", type=positive_int, default=4, help="MCMC chains (default 4)")
-    g.add_argument(
-        "--sampler",
-        choices=["auto", "pymc", "nutpie"],
-        default="auto",
-        help="NUTS implementation: 'auto' (default) is nutpie when it is installed (the 'fast' "
-        "and 'dev' extras), else PyMC's; the two give different draws from the same seed",
-    )
+    add_sampling_options(g, draws=1000, tune=1000, chains=4)
 
 
 # Commands -------------------------------------------------------------------------------------

@@ -12,7 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from latefusion._argtypes import non_negative_int, positive_int, probability
+from latefusion._argtypes import (
+    add_sampling_options,
+    non_negative_int,
+    positive_int,
+    probability,
+)
 from latefusion.sensitivity import DEFAULT_GLOBAL_SCALES, DEFAULT_MODELS
 from latefusion.summaries import read_summary_files
 
@@ -76,9 +81,7 @@ def add_sensitivity_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="project a covariance that is not positive definite instead of refusing it",
     )
     g = p.add_argument_group("sampling")
-    g.add_argument("--draws", type=positive_int, default=1000, help="posterior draws per chain")
-    g.add_argument("--tune", type=non_negative_int, default=1000, help="tuning steps per chain")
-    g.add_argument("--chains", type=positive_int, default=4, help="MCMC chains")
+    add_sampling_options(g, draws=1000, tune=1000, chains=4)
     g.add_argument("--cores", type=positive_int, help="processes to sample in (default: PyMC's)")
     g.add_argument("--target-accept", type=probability, default=0.95, help="NUTS target acceptance")
     g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
@@ -112,6 +115,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         draws=args.draws,
         tune=args.tune,
         chains=args.chains,
+        sampler=args.sampler,
         cores=args.cores,
         target_accept=args.target_accept,
         seed=args.seed,

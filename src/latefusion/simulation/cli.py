@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from latefusion._argtypes import non_negative_int, positive_int
+from latefusion._argtypes import add_sampling_options, non_negative_int, positive_int
 from latefusion.simulation.designs import OUTCOMES, TREATMENTS, Design
 from latefusion.simulation.study import DEFAULT_METHODS, NUISANCE_MODES, StudySettings, run_study
 
@@ -108,19 +108,7 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     e.add_argument(
         "--n-boot", type=non_negative_int, default=200, help="adaptive bootstrap replicates"
     )
-    e.add_argument(
-        "--draws", type=positive_int, default=500, help="MCMC draws per chain (default 500)"
-    )
-    e.add_argument(
-        "--tune", type=non_negative_int, default=500, help="MCMC tuning steps (default 500)"
-    )
-    e.add_argument("--chains", type=positive_int, default=2, help="MCMC chains (default 2)")
-    e.add_argument(
-        "--sampler",
-        choices=["auto", "pymc", "nutpie"],
-        default="auto",
-        help="NUTS implementation (default auto: nutpie when installed)",
-    )
+    add_sampling_options(e, draws=500, tune=500, chains=2)
     p.set_defaults(func=cmd_simulate)
     return p
 
