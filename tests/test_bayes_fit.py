@@ -223,6 +223,7 @@ def test_few_tasks_and_bad_arguments(rng, fake_sample) -> None:
         ({"tune": -1}, "tune must be an integer >= 0"),
         ({"draws": 2.5}, "draws must be an integer"),
         ({"target_accept": 1.5}, "target_accept must be strictly between 0 and 1"),
+        ({"draws": 1, "chains": 1}, "draws x chains must be at least 2"),
     ):
         with pytest.raises(ValueError, match=match):
             fit_bayes(summaries, **{**MOCK, **bad})

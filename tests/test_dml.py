@@ -410,3 +410,11 @@ def test_a_string_where_a_list_of_columns_is_expected_is_named(rng):
     df, _ = _small_frame(rng)
     with pytest.raises(TypeError, match="covariates must be a list of column names, not the"):
         estimate_tasks(df, "task", "A", "Y", "x1")
+
+
+def test_cate_without_modifiers_and_min_folds_outside_its_range_are_refused(rng):
+    df, xcols = _small_frame(rng)
+    with pytest.raises(ValueError, match="estimand 'cate' needs effect modifiers"):
+        estimate_tasks(df, "task", "A", "Y", xcols, settings=DMLSettings(estimand="cate"))
+    with pytest.raises(ValueError, match="min_folds must be between 2 and n_folds"):
+        DMLSettings(n_folds=5, min_folds=10)

@@ -343,6 +343,8 @@ def _check_sampling(draws: Any, tune: Any, chains: Any, target_accept: Any) -> N
     for name, value, least in (("draws", draws, 1), ("tune", tune, 0), ("chains", chains, 1)):
         if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if draws * chains < 2:
+        raise ValueError("draws x chains must be at least 2: a posterior sd needs two draws")
     if not isinstance(target_accept, int | float) or not 0 < target_accept < 1:
         raise ValueError(f"target_accept must be strictly between 0 and 1, got {target_accept!r}")
 

@@ -105,6 +105,7 @@ def estimate_tasks(
         cluster_col=cluster_col,
         dropna=dropna,
     )
+    settings.resolved_estimand(bool(Z_cols))  # an impossible estimand fails before any task
     tasks = list(pd.unique(data[task_col]))  # order of first appearance
     seeds = task_seeds(settings.seed, tasks)
     rows_of = frame.groupby(task_col, sort=False).indices

@@ -79,6 +79,10 @@ class DMLSettings:
             raise ValueError(f"estimand must be one of {ESTIMANDS['irm']}, got {self.estimand!r}")
         if self.n_folds < 2 or self.n_rep < 1:
             raise ValueError("n_folds must be at least 2 and n_rep at least 1")
+        if self.min_folds is not None and not 2 <= self.min_folds <= self.n_folds:
+            raise ValueError(
+                f"min_folds must be between 2 and n_folds ({self.n_folds}), got {self.min_folds}"
+            )
         if self.propensity not in ("estimate", "design"):
             raise ValueError(f"propensity must be 'estimate' or 'design', got {self.propensity!r}")
         if not 0 <= self.clip < 0.5:
@@ -91,6 +95,11 @@ class DMLSettings:
             return "cate" if has_modifiers else "ate"
         if self.estimand != "cate" and has_modifiers:
             raise ValueError(f"estimand {self.estimand!r} takes no effect modifiers")
+        if self.estimand == "cate" and not has_modifiers:
+            raise ValueError(
+                "estimand 'cate' needs effect modifiers (modifiers=..., --modifiers); without "
+                "them the target is the ATE"
+            )
         return self.estimand
 
     def describe(self) -> dict[str, Any]:
