@@ -75,6 +75,11 @@ def test_malformed_numbers_and_diagnostics_name_the_file_and_task(tmp_path, rng)
     (tmp_path / "huge.json").write_text(huge)
     with pytest.raises(ValueError, match=f"task '{task}' in .*huge.json: malformed numbers"):
         SummarySet.read_json(tmp_path / "huge.json")
+    doc["tasks"][1]["status"], doc["tasks"][1]["reason"] = "excluded", ""
+    (tmp_path / "noreason.json").write_text(json.dumps(doc))
+    assert list(SummarySet.read_json(tmp_path / "noreason.json"))[1].reason == (
+        "no reason given in the file"
+    )  # the report said "excluded task00: " and nothing more
     doc["tasks"][0]["diagnostics"] = {"rows_dropped": "some"}
     (tmp_path / "diag.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="diagnostic 'rows_dropped' must be a count, got 'some'"):

@@ -220,7 +220,8 @@ class TaskSummary:
             V=V,
             n=n,
             status=status,
-            reason=d.get("reason", ""),
+            reason=str(d.get("reason") or "")
+            or ("no reason given in the file" if status == STATUS_EXCLUDED else ""),
             diagnostics=diagnostics,
         )
 
