@@ -18,7 +18,7 @@ import xarray as xr
 import latefusion.bayes.fit
 from _fake_sampler import MOCK, FakeSampler  # 2 x 400 draws: ESS near 800, above 400
 from latefusion import FusionResult, SummarySet, TaskSummary, __version__
-from latefusion.bayes import BayesFit, fit_bayes, sample_prior
+from latefusion.bayes import BayesFit, fit_bayes, load_spec, sample_prior
 from latefusion.warnings import ConvergenceWarning, FewTasksWarning
 
 
@@ -188,6 +188,10 @@ def test_low_ess_warns(rng, fake_sample) -> None:
     summaries, _ = make_summaries(rng, K=5, p=1)
     with pytest.warns(ConvergenceWarning, match=r"bulk ESS down to \d+ \(< 400\)"):
         fit_bayes(summaries, draws=50, tune=10, chains=2, seed=1)
+    # The warning names the global scale: a sensitivity study fits one model at several.
+    spec = load_spec("normal").replace(global_scale=0.1)
+    with pytest.warns(ConvergenceWarning, match=r"model 'normal' \(tau_0 = 0.1\)"):
+        fit_bayes(summaries, model=spec, draws=50, tune=10, chains=2, seed=1)
 
 
 def test_prob_deviation(rng, fake_sample) -> None:

@@ -464,3 +464,12 @@ def test_interrupt_and_sigterm_end_cleanly(tmp_path, capsys, monkeypatch, how):
     assert main(["fuse", "x.json", "--out", str(tmp_path / "o")]) == 130
     assert "latefusion: interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before  # restored
+
+
+def test_bayes_model_is_checked_before_estimation(csv, tmp_path, capsys):
+    code = main(_args(csv, tmp_path / "o", "--bayes-model", "nosuch"))
+    assert code == 2 and "no model named 'nosuch'" in capsys.readouterr().err
+    code = main(_args(csv, tmp_path / "o", "--no-bayes", "--bayes-model", "normal"))
+    assert code == 2
+    assert "--bayes-model normal has no effect with --no-bayes" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

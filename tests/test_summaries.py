@@ -146,6 +146,10 @@ def test_zero_negative_or_non_finite_variance_names_the_task(bad):
         TaskSummary("x", "ate", ("effect",), [1.0], [[bad]], 10)
 
 
+def test_estimand_names_ignore_case():
+    assert TaskSummary("a", "ATE", ("effect",), [1.0], [[1.0]], 10).estimand == "ate"
+
+
 def test_coefficient_names_must_be_distinct_names():
     # Two coefficients of one name made estimates.csv rows that could not be told apart.
     with pytest.raises(ValueError, match=r"task 'a': coefficient name\(s\) \['effect'\]"):

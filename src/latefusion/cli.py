@@ -270,6 +270,7 @@ def _add_fusion_options(p: argparse.ArgumentParser, model_alias: bool = False) -
 
 def _cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    _check_bayes_model(args)  # before any estimation
     summaries = _estimate(_read_csv(args.data, args.task), args)
     return _fuse_and_write(summaries, args, started)
 
@@ -278,6 +279,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from latefusion.datasets import STAR_COVARIATES, load_star
 
     started = time.perf_counter()
+    _check_bayes_model(args)  # before any estimation
     data = load_star()
     print(
         f"Project STAR kindergarten: {len(data)} pupils in {data['school'].nunique()} schools; "
@@ -324,6 +326,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     from latefusion.summaries import read_summary_files
 
     started = time.perf_counter()
+    _check_bayes_model(args)  # before any estimation
     summaries = read_summary_files(
         args.inputs, project_psd=args.project_psd, assume_independent=args.assume_independent
     )
@@ -392,6 +395,17 @@ def _estimate(data: pd.DataFrame, args: argparse.Namespace):
         n_jobs=args.jobs,
         progress=True,
     )
+
+
+def _check_bayes_model(args: argparse.Namespace) -> None:
+    """An unknown model name or a bad spec file is an error at once, not after the estimation."""
+    if args.no_bayes:
+        if args.bayes_model != "horseshoe":
+            raise ValueError(f"--bayes-model {args.bayes_model} has no effect with --no-bayes")
+        return
+    from latefusion.bayes import load_spec
+
+    load_spec(args.bayes_model)
 
 
 def _fuse_and_write(summaries: Any, args: argparse.Namespace, started: float) -> int:

@@ -96,6 +96,8 @@ class TaskSummary:
         if V.ndim == 0 or V.size == 1:
             V = V.reshape(1, 1)
         object.__setattr__(self, "task", str(self.task))
+        # "ATE" from a hand-written table is the "ate" of summarize's files.
+        object.__setattr__(self, "estimand", str(self.estimand).strip().lower())
         object.__setattr__(self, "coef_names", tuple(str(c) for c in self.coef_names))
         object.__setattr__(self, "theta_hat", theta_hat)
         object.__setattr__(self, "V", V)

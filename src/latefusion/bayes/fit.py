@@ -510,7 +510,7 @@ def _warn_problems(diagnostics: dict[str, Any], spec: ModelSpec) -> None:
     diagnostics["problems"] = problems
     if problems:
         warnings.warn(
-            f"Bayesian fusion with model {spec.name!r}: "
+            f"Bayesian fusion with model {spec.name!r} (tau_0 = {spec.global_scale:g}): "
             + "; ".join(problems)
             + ". Treat the posterior with care: more draws, another parameterization or "
             "another prior may help.",
