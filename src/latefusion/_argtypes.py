@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_sampling_options", "non_negative_int", "positive_int", "probability"]
+__all__ = ["add_sampling_options", "jobs", "non_negative_int", "positive_int", "probability"]
 
 
 def positive_int(text: str) -> int:
@@ -54,3 +54,11 @@ def add_sampling_options(
         help="NUTS implementation: 'auto' (default) is nutpie when it is installed (the 'fast' "
         "and 'dev' extras), else PyMC's; the two give different draws from the same seed",
     )
+
+
+def jobs(text: str) -> int:
+    """A number of worker processes: positive, or negative as joblib counts (-1: every core)."""
+    value = int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be a number of processes, or -1 for every core")
+    return value

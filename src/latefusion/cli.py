@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from latefusion._argtypes import add_sampling_options, non_negative_int, positive_int
+from latefusion._argtypes import add_sampling_options, jobs, non_negative_int, positive_int
 from latefusion._version import __version__
 
 log = logging.getLogger("latefusion")
@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         help="output directory (default demo-output)",
     )
     demo.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
-    demo.add_argument("--jobs", type=int, default=-1, help="tasks in parallel (default: all)")
+    demo.add_argument("--jobs", type=jobs, default=-1, help="tasks in parallel (default: all)")
     _add_fusion_options(demo)
     demo.set_defaults(func=_cmd_demo)
 
@@ -233,7 +233,7 @@ def _add_estimation_options(p: argparse.ArgumentParser) -> None:
         help="nuisance learning per task (default), or shared across tasks with "
         "task-specific deviations (rows of all tasks used together)",
     )
-    g.add_argument("--jobs", type=int, default=-1, help="tasks in parallel (default: all)")
+    g.add_argument("--jobs", type=jobs, default=-1, help="tasks in parallel (default: all)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
 
 

@@ -233,6 +233,8 @@ def _run(jobs, n_tasks: int, n_jobs: int, scheduler: str | None, progress: bool)
         return
     if n_tasks <= 1:
         n_jobs = 1  # starting worker processes costs more than one task gains
+    elif n_jobs > n_tasks:
+        n_jobs = n_tasks  # more workers than tasks only cost start-up time
     runner = Parallel(n_jobs=n_jobs, return_as="generator")
     yield from _progress(runner(jobs), n_tasks, progress)
 

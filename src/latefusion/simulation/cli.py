@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from latefusion._argtypes import add_sampling_options, non_negative_int, positive_int
+from latefusion._argtypes import add_sampling_options, jobs, non_negative_int, positive_int
 from latefusion.simulation.designs import OUTCOMES, TREATMENTS, Design
 from latefusion.simulation.study import DEFAULT_METHODS, NUISANCE_MODES, StudySettings, run_study
 
@@ -66,7 +66,7 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         default="rows",
         help="generate rows and run DML (default), or draw summaries directly (fast)",
     )
-    p.add_argument("--jobs", type=int, default=1, help="repetitions in parallel (default 1)")
+    p.add_argument("--jobs", type=jobs, default=1, help="repetitions in parallel (default 1)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="study seed (default 0)")
     p.add_argument("--no-plot", action="store_true", help="do not write mse.png")
 
