@@ -78,7 +78,7 @@ def test_malformed_numbers_and_diagnostics_name_the_file_and_task(tmp_path, rng)
     doc["tasks"][1]["status"], doc["tasks"][1]["reason"] = "excluded", ""
     (tmp_path / "noreason.json").write_text(json.dumps(doc))
     assert list(SummarySet.read_json(tmp_path / "noreason.json"))[1].reason == (
-        "no reason given in the file"
+        "no reason given"
     )  # the report said "excluded task00: " and nothing more
     doc["tasks"][0]["diagnostics"] = {"rows_dropped": "some"}
     (tmp_path / "diag.json").write_text(json.dumps(doc))

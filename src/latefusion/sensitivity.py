@@ -22,8 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from latefusion._outdir import write_outputs
 from latefusion._version import __version__
 from latefusion.summaries import SummarySet
 
@@ -236,37 +235,25 @@ class SensitivityResult:
         """Write :data:`SENSITIVITY_FILES` into ``out_dir`` (created if needed).
 
         Every file goes to a staging directory first and is moved into place only when all are
-        complete, so an error never leaves a half-written output.
+        complete, so an error never leaves a half-written output; an earlier run's
+        ``power_scaling.png`` is removed when this run computed no power scaling.
         """
+        return write_outputs(out_dir, SENSITIVITY_FILES, self._write_all)
+
+    def _write_all(self, d: Path) -> None:
         import matplotlib.pyplot as plt
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".latefusion-", dir=out))
-        try:
-            self.table.to_csv(staging / "sensitivity.csv", index=False, float_format="%.15g")
-            self.power_scaling.to_csv(
-                staging / "power_scaling.csv", index=False, float_format="%.15g"
-            )
-            self.diagnostics.to_csv(staging / "diagnostics.csv", index=False, float_format="%.6g")
-            plots = [("sensitivity.png", self.plot), ("sensitivity_tasks.png", self.plot_tasks)]
-            if len(self.power_scaling):  # skipped with power_scaling_vars=None
-                plots.append(("power_scaling.png", self.plot_power_scaling))
-            for name, make in plots:
-                fig = make()
-                fig.savefig(staging / name, dpi=100)
-                plt.close(fig)
-            (staging / "report.md").write_text(self.markdown(), encoding="utf-8")
-            paths = {}
-            for name in SENSITIVITY_FILES:
-                if (staging / name).exists():
-                    os.replace(staging / name, out / name)
-                    paths[name] = out / name
-                elif (out / name).is_file():  # an earlier run's, not this run's: remove it
-                    (out / name).unlink()
-            return paths
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        self.table.to_csv(d / "sensitivity.csv", index=False, float_format="%.15g")
+        self.power_scaling.to_csv(d / "power_scaling.csv", index=False, float_format="%.15g")
+        self.diagnostics.to_csv(d / "diagnostics.csv", index=False, float_format="%.6g")
+        plots = [("sensitivity.png", self.plot), ("sensitivity_tasks.png", self.plot_tasks)]
+        if len(self.power_scaling):  # skipped with power_scaling_vars=None
+            plots.append(("power_scaling.png", self.plot_power_scaling))
+        for name, make in plots:
+            fig = make()
+            fig.savefig(d / name, dpi=100)
+            plt.close(fig)
+        (d / "report.md").write_text(self.markdown(), encoding="utf-8")
 
 
 def prior_sensitivity(

@@ -110,6 +110,8 @@ class TaskSummary:
             )
         if self.status not in (STATUS_OK, STATUS_EXCLUDED):
             raise ValueError(f"task {self.task!r}: unknown status {self.status!r}")
+        if self.status == STATUS_EXCLUDED and not str(self.reason).strip():
+            object.__setattr__(self, "reason", "no reason given")  # never an empty "excluded:"
         if theta_hat.shape != (p,) or V.shape != (p, p):
             raise ValueError(
                 f"task {self.task!r}: theta_hat has shape {theta_hat.shape} and V {V.shape}, "
@@ -222,8 +224,7 @@ class TaskSummary:
             V=V,
             n=n,
             status=status,
-            reason=str(d.get("reason") or "")
-            or ("no reason given in the file" if status == STATUS_EXCLUDED else ""),
+            reason=str(d.get("reason") or ""),
             diagnostics=diagnostics,
         )
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from latefusion._outdir import write_outputs
 from latefusion._version import __version__
 from latefusion.fusion import adaptive, fixed_effect, itl, random_effects
 from latefusion.report import estimates_table, forest_plot, status_table
@@ -98,55 +97,27 @@ class FusionRun:
         return t[t["level"] == "pooled"].drop(columns=["level", "task"]).reset_index(drop=True)
 
     def write(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-        """Write the outputs into ``out_dir`` (created if needed).
+        """Write the outputs (:data:`OUTPUT_FILES`) into ``out_dir`` (created if needed).
 
         Every file is written to a staging directory first and moved into place only when all
-        of them are complete, so an error never leaves a half-written output.
+        of them are complete, so an error never leaves a half-written output; an earlier run's
+        file that this run does not make (``posterior.nc`` after ``--no-bayes``) is removed.
         """
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} exists and is not a directory")
-        blocked = [n for n in OUTPUT_FILES if (out / n).exists() and not (out / n).is_file()]
-        if blocked:
-            raise ValueError(f"cannot write into {out}: {blocked} exist and are not files")
-        out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".latefusion-", dir=out))
-        try:
-            written = self._write_all(staging)
-            paths = {}
-            for name, path in written.items():
-                target = out / name
-                os.replace(path, target)
-                paths[name] = target
-            # An output of an earlier run that this run did not make (posterior.nc after
-            # --no-bayes) would be read as this run's: remove it.
-            for name in OUTPUT_FILES:
-                if name not in written and (out / name).is_file():
-                    (out / name).unlink()
-            return paths
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        return write_outputs(out_dir, OUTPUT_FILES, self._write_all)
 
-    def _write_all(self, d: Path) -> dict[str, Path]:
+    def _write_all(self, d: Path) -> None:
         import matplotlib.pyplot as plt
 
-        files: dict[str, Path] = {}
-        files["summaries.json"] = self.summaries.to_json(d / "summaries.json")
+        self.summaries.to_json(d / "summaries.json")
         table = self.table()
         table.to_csv(d / "estimates.csv", index=False, float_format="%.15g")
-        files["estimates.csv"] = d / "estimates.csv"
         self.heterogeneity().to_csv(d / "heterogeneity.csv", index=False, float_format="%.15g")
-        files["heterogeneity.csv"] = d / "heterogeneity.csv"
         if self.bayes is not None:
             self.bayes.datatree.to_netcdf(d / "posterior.nc", engine="h5netcdf")
-            files["posterior.nc"] = d / "posterior.nc"
         fig = forest_plot(table)
         fig.savefig(d / "forest.png", dpi=110)
         plt.close(fig)
-        files["forest.png"] = d / "forest.png"
         (d / "report.md").write_text(self.markdown(), encoding="utf-8")
-        files["report.md"] = d / "report.md"
-        return files
 
     def markdown(self) -> str:
         """The report: what was run, its settings, per-task status and the estimates."""

@@ -8,7 +8,7 @@ import numpy as np
 from scipy import stats
 
 from latefusion.fusion import _armul
-from latefusion.fusion.baselines import _check_level, _stamp
+from latefusion.fusion.baselines import _check_level, _check_spread, _stamp
 from latefusion.fusion.random_effects import q_profile
 from latefusion.results import FusionResult, Interval
 from latefusion.summaries import SummarySet
@@ -153,6 +153,7 @@ def adaptive(
         )
     theta_orig, V_orig, _ = summaries.arrays()
     K, p = theta_orig.shape
+    _check_spread(summaries, V_orig, "adaptive")
     # Work in standard units: estimates centred at their coordinate-wise median and divided,
     # with the standard errors, by the median standard-error scale. The estimator is equivariant
     # to both (outputs are mapped back below), and rounding no longer depends on the units: raw
@@ -160,7 +161,6 @@ def adaptive(
     loc = np.median(theta_orig, axis=0)
     unit = float(np.median(_armul.task_scale(V_orig)))
     theta_hat, V = (theta_orig - loc) / unit, V_orig / unit**2
-    _check_spread(summaries, _armul.task_scale(V))
     if K <= 2:
         warnings.warn(
             f"adaptive: only {K} task(s); which tasks to fuse is decided on very little",
@@ -336,27 +336,6 @@ def _sure_se(terms: np.ndarray, i_min: int) -> np.ndarray:
         return np.zeros(terms.shape[0])
     diff = terms - terms[i_min]
     return np.sqrt(K * np.var(diff, axis=1, ddof=1))
-
-
-#: Largest ratio of a task's standard-error scale to the median that the solver handles; beyond
-#: it weights underflow (a standard error of 1e100 among tasks of 0.3 stopped the Newton step
-#: with a division by zero).
-MAX_SPREAD = 1e12
-
-
-def _check_spread(summaries, scale: np.ndarray) -> None:
-    """A clear error naming a task whose standard-error scale is far outside the others'.
-
-    ``scale`` is in standard units (median 1).
-    """
-    bad = (scale > MAX_SPREAD) | (scale < 1 / MAX_SPREAD)
-    if bad.any():
-        k = int(np.argmax(bad))
-        raise ValueError(
-            f"adaptive: task {summaries.usable()[k].task!r} has a standard error "
-            f"{scale[k]:.3g} times the median (outside 1e-12 to 1e12); drop the task or check "
-            "its summary"
-        )
 
 
 def _world_tau2(theta_hat: np.ndarray, V: np.ndarray) -> np.ndarray:

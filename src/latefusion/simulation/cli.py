@@ -180,16 +180,16 @@ def _report_failures(summary, out: Path) -> int:
     if bad.empty:
         return 0
     errors = read_errors(out)
-    messages = errors["error"].fillna("").astype(str) if "error" in errors else None
+    messages = errors["error"].fillna("").astype(str)
     for row in bad.itertuples():
         text = f"warning: {row.method} at eta = {row.eta:g}: "
         text += f"{row.n_failed} of {row.n_reps} repetitions failed"
         if row.n_missing:
             text += f", {row.n_missing} task estimates missing"
-        if messages is not None:
-            mine = messages[(errors["method"] == row.method) & (messages != "")]
-            if len(mine):
-                text += f" (first error: {mine.iloc[0]})"
+        mine = messages[(errors["method"] == row.method) & (errors["eta"] == row.eta)]
+        mine = mine[mine != ""]
+        if len(mine):
+            text += f" (first error: {mine.iloc[0]})"
         print(text, file=sys.stderr)
     print(f"the errors are in {out / 'errors.csv.gz'}, column 'error'", file=sys.stderr)
     return 1 if (bad["n_failed"] == bad["n_reps"]).any() else 0
